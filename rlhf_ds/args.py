@@ -1,0 +1,237 @@
+"""Every command-line flag, defined once as dataclass fields and shared by the stages.
+
+A stage parses the groups it needs with `parse_args(Groups..., argv=...)`. The first argument may be a YAML or
+JSON file of flag values; flags given after it override the file (`train_rm.py my.yaml --learning_rate 1e-4`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from rlhf_ds.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATASET_DIR = str(REPO_ROOT / "data")
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_MAX_LENGTH = 1024
+
+FINETUNING_TYPES = ("lora", "full", "freeze")
+TEMPLATES = ("auto", "chat", "plain")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default=DEFAULT_MODEL,
+        metadata={"help": "A local Hugging Face folder, a hub name already in the local cache, or a built-in "
+                          "name (see `python -m rlhf_ds.models.builtin --list`)."},
+    )
+    template: str = field(
+        default="auto",
+        metadata={"help": "Prompt format: 'chat' (the tokenizer's chat template), 'plain' (Human:/Assistant:), "
+                          "or 'auto' (chat when the tokenizer has one, else plain)."},
+    )
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+
+    def __post_init__(self) -> None:
+        _check_choice("template", self.template, TEMPLATES)
+
+
+@dataclass
+class DataArguments:
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "Registered names from data/dataset_info.json or paths to .json/.jsonl files, "
+                          "comma-separated to mix several."},
+    )
+    eval_dataset: str | None = field(
+        default=None, metadata={"help": "Evaluate on these datasets instead of a split of --dataset."}
+    )
+    dataset_dir: str = field(default=DEFAULT_DATASET_DIR, metadata={"help": "Folder of dataset_info.json."})
+    dataset_format: str | None = field(
+        default=None,
+        metadata={"help": "Format of unregistered files: ranked, pairwise, dialogue or alpaca (default: detect)."},
+    )
+    max_length: int | None = field(
+        default=None, metadata={"help": "Longest prompt+response in tokens, prompts cut from the left (default "
+                                        "1024 for training; a trained model's own setting when evaluating)."}
+    )
+    max_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many records of each dataset (first N)."}
+    )
+    val_size: float = field(
+        default=0.0, metadata={"help": "Held-out evaluation split: a fraction (<1) or a number of examples."}
+    )
+    keep_ties: bool = field(
+        default=False, metadata={"help": "Keep preference pairs whose two answers are identical."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_length is not None and self.max_length < 8:
+            raise UserError(f"--max_length {self.max_length} is too small; use at least 8 tokens")
+        if self.val_size < 0:
+            raise UserError(f"--val_size {self.val_size} must be >= 0 (a fraction below 1 or a count)")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise UserError(f"--max_samples {self.max_samples} must be >= 1")
+
+
+@dataclass
+class FinetuningArguments:
+    finetuning_type: str = field(default="lora", metadata={"help": "lora, full, or freeze (train the last layers)."})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2 * rank)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA input."})
+    lora_target: str = field(
+        default="all",
+        metadata={"help": "Comma-separated module names to adapt, or 'all' for every linear layer of the backbone."},
+    )
+    num_layer_trainable: int = field(
+        default=2, metadata={"help": "With --finetuning_type freeze: how many of the last layers train."}
+    )
+
+    def __post_init__(self) -> None:
+        _check_choice("finetuning_type", self.finetuning_type, FINETUNING_TYPES)
+        if self.lora_rank < 1:
+            raise UserError(f"--lora_rank {self.lora_rank} must be >= 1")
+        if self.lora_alpha is None:
+            self.lora_alpha = 2.0 * self.lora_rank
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(f"--lora_dropout {self.lora_dropout} must be in [0, 1)")
+        if self.num_layer_trainable < 1:
+            raise UserError(f"--num_layer_trainable {self.num_layer_trainable} must be >= 1")
+
+
+@dataclass
+class TrainingArguments:
+    output_dir: str = field(default="", metadata={"help": "Where the model, logs and results are written."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a finished run in --output_dir."})
+    do_train: bool = field(default=False, metadata={"help": "Train."})
+    do_eval: bool = field(default=False, metadata={"help": "Evaluate at the end (needs --val_size or --eval_dataset)."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Examples per rank per micro-step."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-steps per optimizer step."})
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)."})
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs; fractions are allowed."})
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (overrides epochs)."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "|".join(SCHEDULERS)})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Warm-up as a fraction of all steps."})
+    warmup_steps: int = field(default=0, metadata={"help": "Warm-up steps (overrides --warmup_ratio)."})
+    logging_steps: int = field(default=10, metadata={"help": "Log every N optimizer steps."})
+    save_steps: int = field(default=500, metadata={"help": "Save a checkpoint every N optimizer steps (0: never)."})
+    seed: int = field(default=42, metadata={"help": "Seed for data order, initialisation and dropout."})
+    report_to: str = field(default="none", metadata={"help": "Extra tracker: none or tensorboard."})
+    logging_dir: str | None = field(default=None, metadata={"help": "TensorBoard folder (default OUTPUT/runs)."})
+    plot_loss: bool = field(default=False, metadata={"help": "Write training_loss.png at the end."})
+
+    def __post_init__(self) -> None:
+        _check_choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
+        _check_choice("report_to", self.report_to, ("none", "tensorboard"))
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} {getattr(self, name)} must be >= 1")
+        if self.num_train_epochs <= 0 and self.max_steps <= 0:
+            raise UserError("nothing to train: give --num_train_epochs > 0 or --max_steps > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise UserError(f"--warmup_ratio {self.warmup_ratio} must be in [0, 1)")
+
+
+@dataclass
+class RuntimeArguments:
+    """How engines run: precision, ZeRO, offload, evaluation batch, timeouts. Shared by training and evaluation."""
+
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "Examples per rank per evaluation step."})
+    fp16: bool = field(default=False, metadata={"help": "fp16 mixed precision (run as bf16 on CPU, see README)."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision."})
+    deepspeed: str | None = field(default=None, metadata={"help": "Your own DeepSpeed JSON config ('auto' values "
+                                                                  "are filled from these flags)."})
+    zero_stage: int = field(default=2, metadata={"help": "ZeRO stage of the shipped configs: 2 or 3."})
+    offload: bool = field(default=False, metadata={"help": "Offload optimizer state (and, with ZeRO-3, "
+                                                           "parameters) to CPU memory."})
+    dist_timeout: int = field(default=1800, metadata={"help": "Seconds a collective may wait before failing."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "No progress bars."})
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 2, 3):
+            raise UserError(f"--zero_stage {self.zero_stage}: choose 2 or 3 (0 for evaluation only)")
+        if self.per_device_eval_batch_size < 1:
+            raise UserError(f"--per_device_eval_batch_size {self.per_device_eval_batch_size} must be >= 1")
+        if self.fp16 and self.bf16:
+            raise UserError("--fp16 and --bf16 are exclusive; pick one")
+        if self.deepspeed and not os.path.isfile(self.deepspeed):
+            raise UserError(f"--deepspeed {self.deepspeed}: no such file")
+
+
+
+def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"--{flag} {value!r}: choose one of {', '.join(choices)}")
+
+
+def _config_file_to_argv(path: str) -> list[str]:
+    """Turn a YAML/JSON file of flag values into `--flag value` pairs."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        if path.endswith(".json"):
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read config file {path}: {err}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must hold a mapping of flag names to values")
+    argv: list[str] = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            argv += [f"--{key}", str(value).lower()]
+        elif value is not None:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def parse_args(*groups: type, argv: list[str] | None = None) -> tuple[Any, ...]:
+    """Parse argv (default sys.argv[1:]) into one instance of each dataclass in `groups`."""
+    from transformers import HfArgumentParser
+
+    argv = _drop_local_rank(list(sys.argv[1:] if argv is None else argv))
+    if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml", ".json")):
+        argv = _config_file_to_argv(argv[0]) + argv[1:]
+    parser = HfArgumentParser(groups)
+    # argparse's own errors (wrong type, missing value) exit with status 2 and a usage line: clear enough.
+    parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    *values, remaining = parsed
+    if remaining:
+        raise UserError(f"unknown argument(s): {' '.join(remaining)} (see --help)")
+    return tuple(values)
+
+
+def _drop_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher appends --local_rank=N; the same number is in $LOCAL_RANK, which we use."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--local_rank" or arg == "--local-rank":
+            skip = True
+        elif not arg.startswith(("--local_rank=", "--local-rank=")):
+            out.append(arg)
+    return out
+
+
+def to_dict(*objs: Any) -> dict[str, Any]:
+    """All flag values of the given dataclass instances, for saving beside a model."""
+    out: dict[str, Any] = {}
+    for obj in objs:
+        out.update({f.name: getattr(obj, f.name) for f in fields(obj)})
+    return out

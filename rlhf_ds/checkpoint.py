@@ -1,0 +1,85 @@
+"""Where model files are written: gathering weights out of ZeRO, and publishing folders atomically so that a
+killed run never leaves something that looks like a finished model."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rlhf_ds import dist
+from rlhf_ds.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def gather_state_dict(engine, trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
+    """The engine's full (un-partitioned) state dict on rank 0, None on the other ranks. Collective."""
+    module = engine.module
+    if engine.zero_optimization_partition_weights():  # ZeRO-3
+        if not trainable_only:
+            return engine._zero3_consolidated_16bit_state_dict()
+        import deepspeed
+
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            state = {n: p.detach().cpu().clone() for n, p in named} if dist.is_main() else None
+        return state
+    if not dist.is_main():
+        return None
+    state = module.state_dict()
+    if trainable_only:
+        keep = {n for n, p in module.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in state.items() if k in keep}
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def check_output_dir(output_dir: str | Path, overwrite: bool, finished_marker: str) -> Path:
+    """Refuse to write over a finished run unless --overwrite_output_dir; create the folder."""
+    out = Path(output_dir)
+    if not str(output_dir):
+        raise UserError("--output_dir is required")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} exists and is not a folder")
+    finished = out / finished_marker
+    if finished.exists() and not overwrite:
+        raise UserError(f"{out} already holds a finished run ({finished_marker}); pass --overwrite_output_dir to "
+                        f"replace it, or choose another --output_dir")
+    if dist.is_main():
+        if overwrite and out.exists():
+            for child in out.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    return out
+
+
+def publish_files(write: Callable[[Path], None], dest: Path, marker: str) -> None:
+    """Rank 0: write(tmp) fills a temporary folder; its files then move into dest with `marker` moved last,
+    so dest holds the marker only when everything else is in place."""
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = dest / ".incomplete"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    write(tmp)
+    names = sorted(p.name for p in tmp.iterdir())
+    for name in [n for n in names if n != marker] + [n for n in names if n == marker]:
+        target = dest / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(tmp / name, target)
+    tmp.rmdir()
+
+
+def publish_dir(write: Callable[[Path], None], dest: Path) -> None:
+    """Rank 0: write(tmp) fills `dest.tmp`, which is then renamed to `dest` in one step."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    write(tmp)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)

