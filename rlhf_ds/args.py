@@ -128,6 +128,8 @@ class TrainingArguments:
     logging_steps: int = field(default=10, metadata={"help": "Log every N optimizer steps."})
     save_steps: int = field(default=500, metadata={"help": "Save a checkpoint every N optimizer steps (0: never)."})
     seed: int = field(default=42, metadata={"help": "Seed for data order, initialisation and dropout."})
+    group_by_length: bool = field(default=True, metadata={"help": "Batch examples of similar length together "
+                                                                  "(less padding; still shuffled)."})
     report_to: str = field(default="none", metadata={"help": "Extra tracker: none or tensorboard."})
     logging_dir: str | None = field(default=None, metadata={"help": "TensorBoard folder (default OUTPUT/runs)."})
     plot_loss: bool = field(default=False, metadata={"help": "Write training_loss.png at the end."})
@@ -171,6 +173,87 @@ class RuntimeArguments:
 
 
 
+@dataclass
+class PPOArguments:
+    """The PPO stage: its models, per-role memory controls, sampling, and the algorithm's coefficients."""
+
+    checkpoint_dir: str | None = field(default=None, metadata={"help": "The SFT stage's output: a LoRA adapter "
+                                                                       "(trained further) or a full model folder."})
+    reward_model: str | None = field(default=None, metadata={"help": "A folder written by train_rm.py."})
+    reward_fn: str | None = field(default=None, metadata={"help": "module:function or file.py:function scoring "
+                                                                  "(prompt, response) instead of a reward model."})
+    actor_learning_rate: float | None = field(default=None, metadata={"help": "Default: --learning_rate."})
+    critic_learning_rate: float | None = field(default=None, metadata={"help": "Default: --learning_rate."})
+    actor_zero_stage: int | None = field(default=None, metadata={"help": "2 or 3 (default --zero_stage)."})
+    critic_zero_stage: int | None = field(default=None, metadata={"help": "2 or 3 (default --zero_stage)."})
+    ref_zero_stage: int | None = field(default=None, metadata={"help": "Default: 3 if the actor's is 3, else 0."})
+    reward_zero_stage: int | None = field(default=None, metadata={"help": "Default: 3 if the critic's is 3, "
+                                                                          "else 0."})
+    offload_reference_model: bool = field(default=False, metadata={"help": "Reference parameters in CPU memory "
+                                                                           "(with ZeRO-3)."})
+    offload_reward_model: bool = field(default=False, metadata={"help": "Reward-model parameters in CPU memory "
+                                                                        "(with ZeRO-3)."})
+    actor_gradient_checkpointing: bool = False
+    critic_gradient_checkpointing: bool = False
+    max_prompt_length: int = field(default=512, metadata={"help": "Prompt tokens kept (cut from the left)."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Longest response."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (log-probs use it too)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
+    per_device_generation_batch_size: int | None = field(
+        default=None, metadata={"help": "Prompts per generate call (default: the whole rollout batch of "
+                                        "per_device_train_batch_size x gradient_accumulation_steps)."})
+    ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout batch (one optimizer step "
+                                                         "each)."})
+    kl_estimator: str = field(default="k1", metadata={"help": "Per-token KL estimate in the reward: k1, k2 or k3."})
+    init_kl_coef: float = field(default=0.05, metadata={"help": "KL penalty coefficient (initial if adaptive)."})
+    target_kl: float | None = field(default=None, metadata={"help": "Adapt the coefficient towards this KL per "
+                                                                    "response (off: fixed)."})
+    kl_horizon: int = field(default=10000, metadata={"help": "Adaptive KL horizon in samples."})
+    gamma: float = field(default=1.0, metadata={"help": "GAE discount."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    whiten_advantages: bool = field(default=True, metadata={"help": "Normalise advantages over the rollout "
+                                                                    "batch (all ranks)."})
+    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Value clip around the rollout's values."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Value-loss weight."})
+    normalize_reward: bool = field(default=True, metadata={"help": "Standardise RM scores with the RM's stored "
+                                                                   "mean/std, updated by running statistics."})
+    reward_clip: float = field(default=10.0, metadata={"help": "Clip normalised scores to +-this (0: off)."})
+    missing_eos_penalty: float | None = field(default=None, metadata={"help": "Subtracted from the score of a "
+                                                                              "response that never emits EOS."})
+    ptx_coef: float = field(default=0.0, metadata={"help": "Weight of the supervised loss on the dataset's "
+                                                           "reference answers in the actor loss (PPO-ptx)."})
+    enable_ema: bool = field(default=False, metadata={"help": "Keep an exponential moving average of the actor."})
+    ema_beta: float = field(default=0.992, metadata={"help": "EMA decay per optimizer step."})
+    eval_steps: int = field(default=50, metadata={"help": "Evaluate every N PPO steps (with --do_eval)."})
+    num_samples_to_log: int = field(default=2, metadata={"help": "Responses written to samples.jsonl per log."})
+
+    def __post_init__(self) -> None:
+        for name in ("actor_zero_stage", "critic_zero_stage"):
+            value = getattr(self, name)
+            if value is not None and value not in (2, 3):
+                raise UserError(f"--{name} {value}: choose 2 or 3")
+        for name in ("ref_zero_stage", "reward_zero_stage"):
+            value = getattr(self, name)
+            if value is not None and value not in (0, 3):
+                raise UserError(f"--{name} {value}: choose 0 (a full copy per rank) or 3 (partitioned)")
+        if self.reward_model and self.reward_fn:
+            raise UserError("give either --reward_model or --reward_fn, not both")
+        _check_choice("kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
+        for name in ("max_new_tokens", "max_prompt_length", "ppo_epochs", "eval_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} {getattr(self, name)} must be >= 1")
+        if self.temperature <= 0:
+            raise UserError(f"--temperature {self.temperature} must be > 0")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top_p {self.top_p} must be in (0, 1]")
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise UserError(f"--target_kl {self.target_kl} must be > 0")
+        if not 0 < self.ema_beta < 1:
+            raise UserError(f"--ema_beta {self.ema_beta} must be in (0, 1)")
+
+
 def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise UserError(f"--{flag} {value!r}: choose one of {', '.join(choices)}")
@@ -206,7 +289,7 @@ def parse_args(*groups: type, argv: list[str] | None = None) -> tuple[Any, ...]:
     argv = _drop_local_rank(list(sys.argv[1:] if argv is None else argv))
     if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml", ".json")):
         argv = _config_file_to_argv(argv[0]) + argv[1:]
-    parser = HfArgumentParser(groups)
+    parser = HfArgumentParser(groups, allow_abbrev=False)
     # argparse's own errors (wrong type, missing value) exit with status 2 and a usage line: clear enough.
     parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     *values, remaining = parsed

@@ -83,3 +83,38 @@ def publish_dir(write: Callable[[Path], None], dest: Path) -> None:
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def save_causal_lm(module, state: dict[str, torch.Tensor], out_dir: Path, tokenizer) -> None:
+    """A policy as it trains: a peft adapter folder for LoRA, a full Hugging Face folder otherwise."""
+    module.save_pretrained(str(out_dir), state_dict={k: v.contiguous() for k, v in state.items()})
+    tokenizer.save_pretrained(str(out_dir))
+
+
+def export_merged_lora(base_path: str | Path, peft_config, adapter_state: dict[str, torch.Tensor], out_dir: Path,
+                       tokenizer, dtype: torch.dtype = torch.float32) -> None:
+    """Base weights + LoRA adapter merged into one plain Hugging Face folder, loadable with
+    AutoModelForCausalLM.from_pretrained and no rlhf_ds or peft. `adapter_state` uses the peft model's own names,
+    so it comes straight from a (ZeRO-gathered) state dict of the training model."""
+    import copy
+
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=dtype)
+    config = copy.deepcopy(peft_config)
+    config.inference_mode = True
+    peft_model = get_peft_model(model, config)
+    lora_keys = {k for k in peft_model.state_dict() if "lora_" in k}
+    renamed = {k: v for k, v in adapter_state.items() if k in lora_keys}
+    if set(renamed) != lora_keys:
+        missing = sorted(lora_keys - set(renamed))[:3]
+        raise RuntimeError(f"adapter weights do not match the model: missing {missing}")
+    peft_model.load_state_dict(renamed, strict=False)
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))

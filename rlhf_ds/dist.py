@@ -103,6 +103,13 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if tdist.is_initialized() and world_size() > 1:
+        values = values.clone()
+        tdist.all_reduce(values)
+    return values
+
+
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     if tdist.is_initialized() and world_size() > 1:
         values = values.clone()

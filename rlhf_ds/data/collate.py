@@ -22,6 +22,19 @@ class PairCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+def train_sampler(dataset, batch_size: int, rank: int, world: int, seed: int, group_by_length: bool):
+    """Shuffled, evenly split over ranks (the tail that does not divide is dropped, so every rank runs the same
+    number of steps); with group_by_length, batches hold examples of similar length (the `length` column)."""
+    from torch.utils.data import DistributedSampler
+
+    if group_by_length:
+        from transformers.trainer_pt_utils import DistributedLengthGroupedSampler
+
+        return DistributedLengthGroupedSampler(batch_size, lengths=list(dataset["length"]), num_replicas=world,
+                                               rank=rank, seed=seed, drop_last=True)
+    return DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+
+
 def even_shards(n_items: int, rank: int, world: int, batch_size: int) -> list[tuple[list[int], int]]:
     """This rank's evaluation batches as (indices, n_real): every rank gets the same number of batches, since
     under ZeRO-3 each forward is a collective. Short batches are topped up with repeats of an index, and

@@ -30,17 +30,16 @@ class RecordError(UserError):
         super().__init__(f"{source}: record {index + 1}: {problem} — {fix}")
 
 
-def detect_format(columns: dict[str, Any], source: str) -> str:
-    """Pick the layout from the columns of the loaded file (`Dataset.features`)."""
-    if "output" in columns:
-        feature = columns["output"]
-        is_list = type(feature).__name__ in ("Sequence", "List", "LargeList") or isinstance(feature, list)
-        return "ranked" if is_list else "alpaca"
-    if "chosen" in columns and "rejected" in columns:
-        return "pairwise" if "instruction" in columns else "dialogue"
+def detect_format(first_record: dict[str, Any], source: str) -> str:
+    """Pick the layout from the keys and value types of the file's first record."""
+    keys = {k for k, v in first_record.items() if v is not None}
+    if "output" in keys:
+        return "ranked" if isinstance(first_record["output"], list) else "alpaca"
+    if "chosen" in keys and "rejected" in keys:
+        return "pairwise" if "instruction" in keys else "dialogue"
     raise UserError(
-        f"{source}: cannot tell the layout from its keys {sorted(columns)}; expected \"output\" (ranked list or "
-        f"alpaca string) or \"chosen\"/\"rejected\". Pass --dataset_format ranked|pairwise|dialogue|alpaca.")
+        f"{source}: cannot tell the layout from the first record's keys {sorted(keys)}; expected \"output\" (ranked "
+        f"list or alpaca string) or \"chosen\"/\"rejected\". Pass --dataset_format ranked|pairwise|dialogue|alpaca.")
 
 
 def _text(record: dict, key: str, source: str, index: int, *, allow_empty: bool = False,

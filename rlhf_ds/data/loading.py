@@ -85,8 +85,7 @@ def diagnose_json(source: DatasetSource, kind: str) -> UserError:
         return UserError(f"{path}: the file holds no records")
     fmt = source.format
     if fmt is None:
-        first = records[0] if isinstance(records[0], dict) else {}
-        fmt = detect_format({k: ([] if isinstance(v, list) else "") for k, v in first.items()}, str(path))
+        fmt = detect_format(records[0] if isinstance(records[0], dict) else {}, str(path))
     for index, record in enumerate(records):
         try:
             check_record(fmt, kind, record, str(path), index)
@@ -114,7 +113,7 @@ def load_examples(spec: str, kind: str, dataset_dir: str, dataset_format: str | 
         raw = _load_raw(source, kind)
         if len(raw) == 0:
             raise UserError(f"{source.path}: the file holds no records")
-        fmt = source.format or detect_format(raw.features, str(source.path))
+        fmt = source.format or detect_format(raw[0], str(source.path))
         n_records = len(raw)
         _configure_progress(n_records)
         if max_samples is not None and max_samples < n_records:
@@ -180,11 +179,12 @@ def _encode_responses(tokenizer, responses: list[str]) -> list[list[int]]:
 
 def tokenize_preference(examples: datasets.Dataset, tokenizer, template: str, max_length: int,
                         report: DataReport | None = None, name: str = "train") -> datasets.Dataset:
-    """Add chosen_ids / rejected_ids (prompt + answer + EOS) and the truncation flags."""
+    """Add chosen_ids / rejected_ids (prompt + answer + EOS), their longer length, and the truncation flags."""
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         prompts = _encode_prompts(tokenizer, batch["prompt"], template)
-        out: dict[str, list] = {"chosen_ids": [], "rejected_ids": [], "prompt_cut": [], "answer_cut": []}
+        out: dict[str, list] = {"chosen_ids": [], "rejected_ids": [], "prompt_cut": [], "answer_cut": [],
+                                "length": []}
         for side in ("chosen", "rejected"):
             answers = _encode_responses(tokenizer, batch[side])
             for i, (p, r) in enumerate(zip(prompts, answers)):
@@ -196,6 +196,7 @@ def tokenize_preference(examples: datasets.Dataset, tokenizer, template: str, ma
                 else:
                     out["prompt_cut"][i] = out["prompt_cut"][i] or p_cut
                     out["answer_cut"][i] = out["answer_cut"][i] or r_cut
+        out["length"] = [max(len(c), len(r)) for c, r in zip(out["chosen_ids"], out["rejected_ids"])]
         return out
 
     _configure_progress(len(examples))
@@ -206,15 +207,16 @@ def tokenize_preference(examples: datasets.Dataset, tokenizer, template: str, ma
 
 def tokenize_sft(examples: datasets.Dataset, tokenizer, template: str, max_length: int,
                  report: DataReport | None = None, name: str = "train") -> datasets.Dataset:
-    """Add input_ids (prompt + response + EOS), prompt_len (for the response-only loss mask) and flags."""
+    """Add input_ids (prompt + response + EOS), prompt_len (for the response-only loss mask), length, flags."""
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         prompts = _encode_prompts(tokenizer, batch["prompt"], template)
         answers = _encode_responses(tokenizer, batch["response"])
-        out: dict[str, list] = {"input_ids": [], "prompt_len": [], "prompt_cut": [], "answer_cut": []}
+        out: dict[str, list] = {"input_ids": [], "prompt_len": [], "prompt_cut": [], "answer_cut": [], "length": []}
         for p, r in zip(prompts, answers):
             p2, r2, p_cut, r_cut = fit_to_length(p, r, max_length)
             out["input_ids"].append(p2 + r2)
+            out["length"].append(len(p2) + len(r2))
             out["prompt_len"].append(len(p2))
             out["prompt_cut"].append(p_cut)
             out["answer_cut"].append(r_cut)
@@ -223,6 +225,36 @@ def tokenize_sft(examples: datasets.Dataset, tokenizer, template: str, max_lengt
     _configure_progress(len(examples))
     tokenized = examples.map(encode, batched=True, desc=f"tokenising {name}")
     _report_truncation(tokenized, max_length, report, name)
+    return tokenized
+
+
+def tokenize_prompts(examples: datasets.Dataset, tokenizer, template: str, max_prompt_length: int,
+                     max_length: int, report: DataReport | None = None, name: str = "prompts") -> datasets.Dataset:
+    """For PPO: prompt_ids (cut from the left to max_prompt_length) to generate from, prompt_text (the last user
+    message, for reward functions and samples), and the reference answer as input_ids / prompt_len (for PPO-ptx
+    and the win rate against it)."""
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        prompts = _encode_prompts(tokenizer, batch["prompt"], template)
+        answers = _encode_responses(tokenizer, batch["response"])
+        out: dict[str, list] = {"prompt_ids": [], "prompt_text": [], "input_ids": [], "prompt_len": [],
+                                "prompt_cut": [], "answer_cut": []}
+        for messages, p, r in zip(batch["prompt"], prompts, answers):
+            out["prompt_ids"].append(p[-max_prompt_length:])
+            out["prompt_text"].append(messages[-1]["content"])
+            p2, r2, p_cut, r_cut = fit_to_length(p, r, max_length)
+            out["input_ids"].append(p2 + r2)
+            out["prompt_len"].append(len(p2))
+            out["prompt_cut"].append(len(p) > max_prompt_length)
+            out["answer_cut"].append(r_cut)
+        return out
+
+    _configure_progress(len(examples))
+    tokenized = examples.map(encode, batched=True, desc=f"tokenising {name}")
+    prompt_cut = sum(tokenized["prompt_cut"])
+    if report is not None and prompt_cut:
+        report.add(f"{name}: {prompt_cut} of {len(tokenized)} prompts are longer than --max_prompt_length "
+                   f"{max_prompt_length} and were cut from the left")
     return tokenized
 
 

@@ -110,3 +110,38 @@ def load_backbone(path: str | Path, dtype: torch.dtype, ds_config: dict | None =
 
     with zero3_init(ds_config):
         return AutoModel.from_pretrained(str(path), dtype=dtype)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """PPO compares log-probs of the same tokens under the same weights (rollout vs first update); dropout would
+    make them differ. Zero every dropout module and every float dropout rate stored on a module."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and ("dropout" in name or "pdrop" in name):
+                setattr(module, name, 0.0)
+
+
+def eos_token_ids(tokenizer, model_path: str | Path) -> list[int]:
+    """Every token that ends a response: the tokenizer's EOS and those in the model's generation config."""
+    from transformers import GenerationConfig
+
+    ids = {tokenizer.eos_token_id}
+    try:
+        extra = GenerationConfig.from_pretrained(str(model_path)).eos_token_id
+    except (OSError, ValueError):
+        extra = None
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif extra:
+        ids.update(extra)
+    return sorted(i for i in ids if i is not None)
+
+
+def context_length(config) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

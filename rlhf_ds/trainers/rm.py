@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 import rlhf_ds
 from rlhf_ds import dist
@@ -23,7 +23,7 @@ from rlhf_ds.algo.sequence import gather_last
 from rlhf_ds.args import (DEFAULT_MAX_LENGTH, DataArguments, FinetuningArguments, ModelArguments, RuntimeArguments,
                           TrainingArguments, parse_args, to_dict)
 from rlhf_ds.checkpoint import check_output_dir, gather_state_dict, publish_dir, publish_files
-from rlhf_ds.data.collate import PairCollator, even_shards
+from rlhf_ds.data.collate import PairCollator, even_shards, train_sampler
 from rlhf_ds.data.loading import DataReport, load_examples, split_eval, tokenize_preference
 from rlhf_ds.data.template import resolve_template
 from rlhf_ds.engines.ds_config import EngineSettings, dtype_of, engine_config, resolve_precision
@@ -182,9 +182,8 @@ class RewardTrainer:
     def _setup_schedule(self) -> None:
         args = self.args
         world = dist.world_size()
-        self.sampler = DistributedSampler(self.train_set.select_columns(["chosen_ids", "rejected_ids"]),
-                                          num_replicas=world, rank=dist.rank(), shuffle=True, seed=args.seed,
-                                          drop_last=True)
+        self.sampler = train_sampler(self.train_set, args.per_device_train_batch_size, dist.rank(), world,
+                                     args.seed, args.group_by_length)
         self.loader = DataLoader(self.train_set.select_columns(["chosen_ids", "rejected_ids"]),
                                  batch_size=args.per_device_train_batch_size, sampler=self.sampler,
                                  collate_fn=self.collator, drop_last=True)

@@ -1,0 +1,116 @@
+"""Fixtures: offline environment, a locally trained tokenizer, tiny models, and a runner for the real CLIs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import tiny  # noqa: E402  (needs the path above)
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("artifacts")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(artifacts) -> Path:
+    out = artifacts / "tokenizer"
+    tiny.train_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def plain_tokenizer_dir(artifacts) -> Path:
+    out = artifacts / "tokenizer-plain"
+    tiny.train_tokenizer(out, chat=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(artifacts, tokenizer_dir) -> Path:
+    return tiny.make_model(artifacts / "tiny-llama", tokenizer_dir, "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(artifacts, tokenizer_dir) -> Path:
+    return tiny.make_model(artifacts / "tiny-gpt2", tokenizer_dir, "gpt2")
+
+
+@pytest.fixture(scope="session")
+def dist_env():
+    """One-rank torch.distributed in the pytest process, for tests that build DeepSpeed engines in-process."""
+    from rlhf_ds import dist
+
+    dist.init_distributed()
+    yield
+
+
+def write_json(path: Path, obj) -> Path:
+    path.write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
+def zero3_test_config(path: Path, offload: bool = True) -> Path:
+    """ZeRO-3 with stage3_param_persistence_threshold 0, so even a tiny model's parameters are partitioned."""
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    return write_json(path, {
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto", "steps_per_print": 10 ** 9, "bf16": {"enabled": "auto"},
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                   "weight_decay": "auto"}},
+        "zero_optimization": zero})
+
+
+def run_cli(script: str, *args: str, nproc: int = 1, launcher: str = "python", timeout: int = 600,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run launch/<script> the way a user does: plain python, the deepspeed launcher, or torchrun."""
+    from rlhf_ds.dist import free_port
+
+    bin_dir = Path(sys.executable).parent
+    target = str(REPO / "launch" / script)
+    if launcher == "python":
+        cmd = [sys.executable, target]
+    elif launcher == "deepspeed":
+        cmd = [str(bin_dir / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), target]
+    elif launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), target]
+    else:
+        raise ValueError(launcher)
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        full_env.pop(key, None)  # the in-process dist fixture must not leak into children
+    proc = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout, env=full_env,
+                          cwd=str(REPO))
+    return proc
+
+
+def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n" \
+                                 f"{proc.stderr[-6000:]}"
+    return proc
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,67 @@
+"""Registered names resolve to the full file (sha1-checked), the shipped subset, or a clear instruction."""
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from rlhf_ds.args import DEFAULT_DATASET_DIR
+from rlhf_ds.data.registry import resolve
+from rlhf_ds.errors import UserError
+
+
+def test_registered_name_uses_shipped_subset():
+    src = resolve("comparison_gpt4_zh", DEFAULT_DATASET_DIR)
+    assert src.path.name == "comparison_gpt4_data_zh.partial.json"
+    assert src.format == "ranked"
+    assert "comparison_gpt4_data_zh.json" in src.note  # says where the full file would go
+
+
+def test_registered_name_without_any_file_says_what_to_put_where():
+    with pytest.raises(UserError) as err:
+        resolve("alpaca_gpt4_en", DEFAULT_DATASET_DIR)
+    msg = str(err.value)
+    assert "alpaca_gpt4_data_en.json" in msg and DEFAULT_DATASET_DIR in msg
+    assert "647f4ad447bd993e4b6b6223d1be15208bab694a" in msg
+
+
+def test_unknown_name_lists_known_names():
+    with pytest.raises(UserError) as err:
+        resolve("comparison_gpt5", DEFAULT_DATASET_DIR)
+    for name in ("comparison_gpt4_zh", "comparison_gpt4_en", "alpaca_gpt4_zh", "alpaca_gpt4_en"):
+        assert name in str(err.value)
+
+
+def test_missing_path_is_reported():
+    with pytest.raises(UserError, match="file not found"):
+        resolve("nowhere/x.json", DEFAULT_DATASET_DIR)
+
+
+def _registry(tmp_path, full_bytes: bytes, sha1: str):
+    (tmp_path / "subset.json").write_text('[{"instruction": "q", "input": "", "output": ["a", "b"]}]')
+    (tmp_path / "full.json").write_bytes(full_bytes)
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"demo": {
+        "file_name": "full.json", "file_sha1": sha1, "format": "ranked", "shipped_subset": "subset.json"}}))
+
+
+def test_full_file_with_matching_sha1_is_used(tmp_path):
+    full = b'[{"instruction": "q", "input": "", "output": ["a", "b"]}, {"instruction": "r", "output": ["c", "d"]}]'
+    _registry(tmp_path, full, hashlib.sha1(full).hexdigest())
+    src = resolve("demo", tmp_path)
+    assert src.path.name == "full.json" and src.note == "full file"
+
+
+def test_full_file_with_wrong_sha1_is_refused(tmp_path):
+    _registry(tmp_path, b"[]", "0" * 40)
+    with pytest.raises(UserError) as err:
+        resolve("demo", tmp_path)
+    assert "sha1" in str(err.value) and "--dataset path/to/your_file.json" in str(err.value)
+
+
+def test_shipped_files_match_their_notice():
+    """The shipped subsets are byte-identical to what data/NOTICE.md records."""
+    text = (Path(DEFAULT_DATASET_DIR) / "NOTICE.md").read_text(encoding="utf-8")
+    for name in ("comparison_gpt4_data_en.partial.json", "comparison_gpt4_data_zh.partial.json",
+                 "alpaca_gpt4_data_zh.subset.json"):
+        digest = hashlib.sha256((Path(DEFAULT_DATASET_DIR) / name).read_bytes()).hexdigest()
+        assert digest in text, name

@@ -1,0 +1,52 @@
+"""The config builder fills "auto" from the flags and refuses numbers that do not add up."""
+import pytest
+
+from rlhf_ds.engines.ds_config import EngineSettings, build_ds_config, engine_config, read_config, resolve_precision
+from rlhf_ds.errors import UserError
+
+
+def settings(**kw):
+    base = dict(micro_batch=4, grad_accum=2, precision="bf16", max_grad_norm=0.5, lr=1e-4, weight_decay=0.01,
+                stage=3, world_size=2)
+    return EngineSettings(**{**base, **kw})
+
+
+def test_shipped_configs_fill_every_auto():
+    for stage in (2, 3):
+        for offload in (False, True):
+            cfg = engine_config(settings(stage=stage), trainable=True, offload=offload)
+            assert cfg["train_batch_size"] == 16 and cfg["train_micro_batch_size_per_gpu"] == 4
+            assert cfg["gradient_accumulation_steps"] == 2 and cfg["gradient_clipping"] == 0.5
+            assert cfg["bf16"]["enabled"] is True and cfg["fp16"]["enabled"] is False
+            assert cfg["optimizer"]["params"]["lr"] == 1e-4 and cfg["optimizer"]["params"]["torch_adam"] is True
+            assert cfg["zero_optimization"]["stage"] == stage
+            assert ("offload_optimizer" in cfg["zero_optimization"]) == offload
+    frozen = engine_config(settings(stage=3), trainable=False)
+    assert "optimizer" not in frozen and frozen["zero_optimization"]["stage"] == 3
+    assert engine_config(settings(stage=2), trainable=False)["zero_optimization"]["stage"] == 0
+
+
+def test_user_config_keeps_explicit_values_and_rejects_contradictions(tmp_path):
+    f = tmp_path / "ds.json"
+    f.write_text('{"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 3, '
+                 '"stage3_param_persistence_threshold": 0}, "optimizer": {"type": "AdamW", "params": {"lr": 3e-5}}}')
+    cfg = engine_config(settings(stage=2), trainable=True, user_config=str(f))
+    assert cfg["optimizer"]["params"]["lr"] == 3e-5 and cfg["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    with pytest.raises(UserError, match="train_micro_batch_size_per_gpu.*8 contradicts --per_device_train_batch_size 4"):
+        build_ds_config({"train_micro_batch_size_per_gpu": 8}, settings())
+    with pytest.raises(UserError, match=r"train_batch_size 30 is not micro batch 4 x accumulation 2 x 2 ranks = 16"):
+        build_ds_config({"train_batch_size": 30}, settings())
+    with pytest.raises(UserError, match="cannot fill"):
+        build_ds_config({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}}}, settings())
+
+
+def test_bad_config_file_is_one_line(tmp_path):
+    f = tmp_path / "ds.json"
+    f.write_text('{"zero_optimization": {"stage": 3,}}')
+    with pytest.raises(UserError, match=r"invalid JSON at line 1"):
+        read_config(f)
+
+
+def test_fp16_runs_as_bf16_on_cpu():
+    assert resolve_precision(bf16=False, fp16=True) == "bf16"
+    assert resolve_precision(bf16=False, fp16=False) == "fp32"

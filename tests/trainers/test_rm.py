@@ -1,0 +1,119 @@
+"""The reward-model stage end to end through its real CLIs: it learns, runs distributed under ZeRO-3 with LoRA
+and offload, reloads with the same scores, and fails with one clear line on bad input."""
+import json
+
+import pytest
+
+from conftest import check_ok, read_jsonl, run_cli, write_json, zero3_test_config
+
+
+def test_reward_model_learns_on_shipped_english_pairs(tiny_llama, tmp_path):
+    out = tmp_path / "rm"
+    check_ok(run_cli(
+        "train_rm.py", "--model_name_or_path", str(tiny_llama), "--do_train", "--do_eval", "--val_size", "0.1",
+        "--dataset", "comparison_gpt4_en", "--finetuning_type", "full", "--output_dir", str(out),
+        "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--num_train_epochs", "1",
+        "--lr_scheduler_type", "cosine", "--logging_steps", "10", "--max_length", "192", "--plot_loss",
+        "--disable_tqdm"))
+    losses = [row["loss"] for row in read_jsonl(out / "metrics.jsonl") if row["kind"] == "train"]
+    assert len(losses) >= 10
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:2]) / 2, losses
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["eval_samples"] == 110
+    assert results["eval_accuracy"] >= 0.75, results
+    assert 0.85 < results["eval_length_baseline_accuracy"] < 1.0
+    meta = json.loads((out / "value_head.json").read_text())
+    assert meta["score_mean"] == pytest.approx(results["eval_score_mean"])
+    assert meta["score_std"] == pytest.approx(results["eval_score_std"]) and meta["score_std"] > 0
+    assert (out / "training_loss.png").stat().st_size > 1000
+    for name in ("model.safetensors", "config.json", "value_head.safetensors", "tokenizer.json",
+                 "training_args.json", "train_results.json", "eval_predictions.jsonl"):
+        assert (out / name).exists(), name
+
+
+def test_two_process_zero3_lora_offload_then_eval_rm_gives_the_same_scores(tiny_llama, tmp_path):
+    out = tmp_path / "rm"
+    cfg = zero3_test_config(tmp_path / "zero3.json", offload=True)
+    proc = check_ok(run_cli(
+        "train_rm.py", "--model_name_or_path", str(tiny_llama), "--do_train", "--do_eval", "--val_size", "24",
+        "--dataset", "comparison_gpt4_zh", "--max_samples", "120", "--finetuning_type", "lora",
+        "--lora_target", "q_proj,v_proj", "--output_dir", str(out), "--per_device_train_batch_size", "4",
+        "--gradient_accumulation_steps", "2", "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1",
+        "--learning_rate", "1e-3", "--max_length", "128", "--deepspeed", str(cfg), "--disable_tqdm",
+        nproc=2, launcher="deepspeed"))
+    assert "ZeRO-3" in proc.stdout and "2 rank(s)" in proc.stdout
+    assert (out / "adapter_model.safetensors").exists() and (out / "checkpoint-2" / "value_head.json").exists()
+    train_rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+
+    # Re-score the held-out pairs with launch/eval_rm.py (2 ranks, ZeRO-3 inference) from the saved folder.
+    held_out = read_jsonl(out / "eval_predictions.jsonl")
+    pairs = tmp_path / "held_out.jsonl"
+    pairs.write_text("\n".join(json.dumps({"instruction": r["prompt"][-1]["content"], "chosen": r["chosen"],
+                                           "rejected": r["rejected"]}, ensure_ascii=False) for r in held_out))
+    preds = tmp_path / "preds.jsonl"
+    check_ok(run_cli("eval_rm.py", "--reward_model", str(out), "--dataset", str(pairs), "--zero_stage", "3",
+                     "--predictions_file", str(preds), "--output_file", str(tmp_path / "eval.json"),
+                     "--per_device_eval_batch_size", "5", nproc=2, launcher="deepspeed"))
+    again = read_jsonl(preds)
+    assert len(again) == len(held_out) == 24
+    for before, after in zip(held_out, again):
+        assert after["chosen_score"] == pytest.approx(before["chosen_score"], abs=1e-4)
+        assert after["rejected_score"] == pytest.approx(before["rejected_score"], abs=1e-4)
+    trained = json.loads((out / "eval_results.json").read_text())
+    rescored = json.loads((tmp_path / "eval.json").read_text())
+    assert rescored["eval_accuracy"] == trained["eval_accuracy"]
+    assert rescored["eval_length_baseline_accuracy"] == trained["eval_length_baseline_accuracy"]
+
+
+def test_torchrun_and_plain_python_run_the_same_stage(tiny_gpt2, tmp_path):
+    for launcher, nproc in (("torchrun", 2), ("python", 1)):
+        out = tmp_path / launcher
+        proc = check_ok(run_cli(
+            "train_rm.py", "--model_name_or_path", str(tiny_gpt2), "--do_train", "--dataset", "comparison_gpt4_en",
+            "--max_samples", "64", "--output_dir", str(out), "--per_device_train_batch_size", "4", "--max_steps",
+            "2", "--zero_stage", "2", "--fp16", "--disable_tqdm", nproc=nproc, launcher=launcher))
+        assert f"{nproc} rank(s)" in proc.stdout and "bf16" in proc.stdout  # --fp16 runs as bf16 on CPU
+        assert (out / "value_head.json").exists()
+
+
+@pytest.mark.parametrize("case", ["bad_json", "bad_record", "too_few", "unknown_dataset", "unknown_flag"])
+def test_bad_input_is_one_clear_line_and_nothing_is_left_that_looks_finished(tiny_llama, tmp_path, case):
+    out = tmp_path / "out"
+    data = tmp_path / "pairs.json"
+    write_json(data, [{"instruction": "q", "input": "", "output": ["good", "bad"]}] * 6)
+    args = ["--model_name_or_path", str(tiny_llama), "--do_train", "--dataset", str(data), "--output_dir", str(out),
+            "--per_device_train_batch_size", "2", "--disable_tqdm"]
+    expected = {
+        "bad_json": "line 1, column",
+        "bad_record": "record 3: key 'output' has 1 answer(s)",
+        "too_few": "too few for one optimizer step",
+        "unknown_dataset": "registered names are",
+        "unknown_flag": "unknown argument(s): --learning_rat",
+    }[case]
+    if case == "bad_json":
+        data.write_text('[{"instruction": "q" "output": ["a", "b"]}]')
+    elif case == "bad_record":
+        write_json(data, [{"instruction": "q", "input": "", "output": ["a", "b"]}] * 2 +
+                   [{"instruction": "q", "input": "", "output": ["a"]}])
+    elif case == "too_few":
+        args += ["--gradient_accumulation_steps", "4"]
+    elif case == "unknown_dataset":
+        args[args.index(str(data))] = "comparison_gpt3_zh"
+    else:
+        args += ["--learning_rat", "1e-4"]
+    proc = run_cli("train_rm.py", *args)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert expected in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (out / "value_head.json").exists()
+
+
+def test_refuses_to_overwrite_a_finished_run(tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    args = ["--model_name_or_path", str(tiny_llama), "--do_train", "--dataset", "comparison_gpt4_en", "--max_samples",
+            "16", "--output_dir", str(out), "--per_device_train_batch_size", "4", "--max_steps", "1", "--disable_tqdm"]
+    check_ok(run_cli("train_rm.py", *args))
+    proc = run_cli("train_rm.py", *args)
+    assert proc.returncode == 2 and "--overwrite_output_dir" in proc.stderr
+    check_ok(run_cli("train_rm.py", *args, "--overwrite_output_dir"))
