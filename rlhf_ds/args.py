@@ -158,10 +158,15 @@ class RuntimeArguments:
     zero_stage: int = field(default=2, metadata={"help": "ZeRO stage of the shipped configs: 2 or 3."})
     offload: bool = field(default=False, metadata={"help": "Offload optimizer state (and, with ZeRO-3, "
                                                            "parameters) to CPU memory."})
+    stage3_param_persistence_threshold: int = field(
+        default=10000, metadata={"help": "ZeRO-3 keeps parameters smaller than this whole on every rank (the "
+                                         "shipped configs' \"auto\"); 0 partitions everything."})
     dist_timeout: int = field(default=1800, metadata={"help": "Seconds a collective may wait before failing."})
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bars."})
 
     def __post_init__(self) -> None:
+        if self.stage3_param_persistence_threshold < 0:
+            raise UserError("--stage3_param_persistence_threshold must be >= 0")
         if self.zero_stage not in (0, 2, 3):
             raise UserError(f"--zero_stage {self.zero_stage}: choose 2 or 3 (0 for evaluation only)")
         if self.per_device_eval_batch_size < 1:

@@ -104,18 +104,17 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks; returned on the tensor's own device (the reduction runs on the accelerator, since NCCL
+    cannot reduce CPU tensors)."""
     if tdist.is_initialized() and world_size() > 1:
-        values = values.clone()
-        tdist.all_reduce(values)
+        work = values.to(device(), copy=True)
+        tdist.all_reduce(work)
+        return work.to(values.device)
     return values
 
 
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    if tdist.is_initialized() and world_size() > 1:
-        values = values.clone()
-        tdist.all_reduce(values)
-        values /= world_size()
-    return values
+    return all_reduce_sum(values) / world_size()
 
 
 def shutdown(rc: int = 0) -> None:

@@ -78,6 +78,8 @@ class EngineSettings:
     weight_decay: float = 0.0
     stage: int = 2
     world_size: int = 1
+    persistence_threshold: int = 10000
+    stage_is_explicit: bool = False  # a per-role flag chose the stage: it wins over a --deepspeed file
 
 
 def _fill(config: dict[str, Any], key: str, value: Any, source: str, flag: str) -> None:
@@ -112,6 +114,8 @@ def build_ds_config(base: dict[str, Any], settings: EngineSettings, source: str 
     zero = cfg.setdefault("zero_optimization", {})
     if zero.get("stage", "auto") == "auto":
         zero["stage"] = s.stage
+    if zero.get("stage3_param_persistence_threshold") == "auto":
+        zero["stage3_param_persistence_threshold"] = s.persistence_threshold
     optimizer = cfg.get("optimizer")
     if optimizer is not None:
         params = optimizer.setdefault("params", {})
@@ -141,7 +145,11 @@ def engine_config(settings: EngineSettings, trainable: bool, offload: bool = Fal
     """The config of one engine: the user's --deepspeed file for trainable engines when given, else ours."""
     if user_config and trainable:
         base = read_config(user_config)
-        settings.stage = base.get("zero_optimization", {}).get("stage", settings.stage)
+        zero = base.setdefault("zero_optimization", {})
+        if settings.stage_is_explicit:
+            zero["stage"] = settings.stage
+        else:
+            settings.stage = zero.get("stage", settings.stage)
         if offload:
             logger.warning("--offload is ignored with --deepspeed %s: set offload in that file", user_config)
         return build_ds_config(base, settings, source=user_config)

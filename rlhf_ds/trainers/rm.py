@@ -142,7 +142,8 @@ class RewardTrainer:
             micro_batch=args.per_device_train_batch_size, grad_accum=args.gradient_accumulation_steps,
             precision=self.precision, max_grad_norm=args.max_grad_norm, lr=args.learning_rate,
             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, weight_decay=args.weight_decay,
-            stage=rt.zero_stage, world_size=dist.world_size())
+            stage=rt.zero_stage, world_size=dist.world_size(),
+            persistence_threshold=rt.stage3_param_persistence_threshold)
         self.ds_config = engine_config(settings, trainable=True, offload=rt.offload, user_config=rt.deepspeed)
         self._setup_schedule()
 
@@ -374,7 +375,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     precision = resolve_precision(rt.bf16, rt.fp16) if (rt.bf16 or rt.fp16) else meta.get("precision", "fp32")
     max_length = data_args.max_length or meta.get("max_length", DEFAULT_MAX_LENGTH)
     settings = EngineSettings(micro_batch=rt.per_device_eval_batch_size, precision=precision, stage=rt.zero_stage,
-                              world_size=dist.world_size())
+                              world_size=dist.world_size(),
+                              persistence_threshold=rt.stage3_param_persistence_threshold)
     ds_config = engine_config(settings, trainable=False, offload=rt.offload)
     report = DataReport()
     with dist.main_process_first():

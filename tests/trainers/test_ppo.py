@@ -1,0 +1,160 @@
+"""The PPO stage end to end through launch/train_ppo.py: it optimises a reward, runs on four DeepSpeed engines over
+two processes under mixed ZeRO stages, saves models that reload, and refuses bad input before building engines."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import check_ok, read_jsonl, run_cli
+
+STEP_KEYS = ("step", "reward", "reward_normalized", "kl", "kl_coef", "entropy", "response_length", "eos_rate",
+             "policy_loss", "value_loss", "clipfrac", "approx_kl", "value_explained_variance", "time_generation",
+             "time_experience", "time_training", "tokens_per_second")
+REWARD_FN = "tests/reward_fns.py:ascii_letters"
+
+
+@pytest.fixture(scope="module")
+def sft_adapter(tiny_llama, tmp_path_factory) -> Path:
+    """A LoRA adapter standing in for an SFT run's output (non-zero, so it changes the policy)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("sft")
+    torch.manual_seed(3)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.2)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_rm(tiny_llama, tmp_path_factory) -> Path:
+    """A LoRA reward model on the tiny backbone, saved the way train_rm.py saves one."""
+    from rlhf_ds.args import FinetuningArguments
+    from rlhf_ds.models.finetuning import apply_finetuning
+    from rlhf_ds.models.heads import ScalarHeadModel, save_scalar_model
+    from rlhf_ds.models.loading import load_backbone, load_tokenizer
+
+    out = tmp_path_factory.mktemp("rm")
+    torch.manual_seed(4)
+    model = ScalarHeadModel(apply_finetuning(load_backbone(tiny_llama, torch.float32),
+                                             FinetuningArguments(finetuning_type="lora", lora_target="q_proj,v_proj")))
+    save_scalar_model(model, model.state_dict(), out,
+                      {"kind": "reward", "base_model": str(tiny_llama), "finetuning_type": "lora", "template": "chat",
+                       "max_length": 256, "precision": "fp32", "score_mean": 0.1, "score_std": 0.5},
+                      load_tokenizer(tiny_llama))
+    return out
+
+
+def ppo_args(model, out, *extra):
+    return ["--model_name_or_path", str(model), "--do_train", "--dataset", "alpaca_gpt4_zh", "--output_dir", str(out),
+            "--max_new_tokens", "16", "--max_prompt_length", "64", "--disable_tqdm", "--save_steps", "0", *extra]
+
+
+def test_ppo_raises_a_rule_based_reward_while_kl_stays_bounded(tiny_llama, tmp_path):
+    out = tmp_path / "ppo"
+    check_ok(run_cli("train_ppo.py", *ppo_args(
+        tiny_llama, out, "--reward_fn", REWARD_FN, "--finetuning_type", "full", "--learning_rate", "1e-2",
+        "--lr_scheduler_type", "constant", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "4",
+        "--ppo_epochs", "2", "--max_steps", "30", "--logging_steps", "5", "--init_kl_coef", "0.05",
+        "--target_kl", "10", "--kl_horizon", "2000")))
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    for row in rows:
+        assert all(k in row and row[k] is not None for k in STEP_KEYS), set(STEP_KEYS) - set(row)
+    reward = [r["reward"] for r in rows]
+    first, last = sum(reward[:5]) / 5, sum(reward[-5:]) / 5
+    assert last > first + 0.15, reward
+    kls = [r["kl"] for r in rows]
+    assert max(kls[-10:]) < 40, kls  # the penalty holds the policy near the reference
+    assert rows[-1]["kl_coef"] > rows[0]["kl_coef"]  # KL above the target pushes the coefficient up
+    samples = read_jsonl(out / "samples.jsonl")
+    assert samples and {"step", "prompt", "response", "reward"} <= set(samples[0])
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out / "actor") is not None  # full fine-tuning: a plain HF folder
+
+
+def test_two_processes_zero3_actor_and_reference_zero2_critic_offloaded_frozen_models(
+        tiny_llama, sft_adapter, tiny_rm, tmp_path):
+    out = tmp_path / "ppo"
+    proc = check_ok(run_cli("train_ppo.py", *ppo_args(
+        tiny_llama, out, "--checkpoint_dir", str(sft_adapter), "--reward_model", str(tiny_rm),
+        "--finetuning_type", "lora", "--actor_zero_stage", "3", "--critic_zero_stage", "2",
+        "--stage3_param_persistence_threshold", "0", "--offload_reference_model", "--offload_reward_model",
+        "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--max_steps", "3",
+        "--logging_steps", "1", "--learning_rate", "1e-3", "--ptx_coef", "0.5", "--enable_ema",
+        "--do_eval", "--val_size", "6", "--eval_steps", "2", "--save_steps", "2", "--max_samples", "60",
+        "--lr_scheduler_type", "cosine", "--fp16"), nproc=2, launcher="deepspeed"))
+    log = proc.stdout
+    assert "actor     ZeRO-3" in log and "reference ZeRO-3" in log and "critic    ZeRO-2" in log
+    assert "reward    ZeRO-3" in log and "--offload_reward_model" in log
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(rows) == 3 and all("ptx_loss" in r for r in rows)
+    assert abs(rows[0]["kl"]) < 1e-4  # the actor starts as base + SFT adapter, exactly like the reference
+    evals = read_jsonl(out / "eval_results.jsonl")
+    assert [e["step"] for e in evals] == [0, 2, 3] and all(e["eval_samples"] == 6 for e in evals)
+    assert 0 <= evals[-1]["eval_win_rate"] <= 1
+    for folder in (out, out / "checkpoint-2"):
+        for name in ("actor", "actor_merged", "actor_ema", "actor_ema_merged", "critic"):
+            assert (folder / name).is_dir(), folder / name
+    assert json.loads((out / "train_results.json").read_text())["train_steps"] == 3
+
+    # The merged folder is a plain causal LM equal to base + the trained adapter.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_ds.models.heads import load_scalar_model
+
+    ids = torch.tensor([[5, 17, 99, 400, 23]])
+    merged = AutoModelForCausalLM.from_pretrained(out / "actor_merged", dtype=torch.float32).eval()
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32),
+                                        out / "actor").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapter(ids).logits, atol=2e-2, rtol=0)
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+        assert not torch.allclose(merged(ids).logits, base(ids).logits, atol=1e-3)  # the adapter is in there
+    critic, meta = load_scalar_model(out / "critic", torch.float32)
+    assert meta["kind"] == "value" and critic.score(ids, torch.ones_like(ids)).shape == (1,)
+
+
+@pytest.mark.parametrize("case", ["ckpt_missing", "ckpt_is_rm", "rm_missing", "tokenizer_mismatch", "context",
+                                  "gen_batch", "no_reward", "bad_reward_fn"])
+def test_bad_input_is_refused_before_any_engine_is_built(case, tiny_llama, tiny_gpt2, tiny_rm, tmp_path):
+    out = tmp_path / "out"
+    extra = {
+        "ckpt_missing": ["--checkpoint_dir", str(tmp_path / "nope"), "--reward_fn", REWARD_FN],
+        "ckpt_is_rm": ["--checkpoint_dir", str(tiny_rm), "--reward_fn", REWARD_FN],
+        "rm_missing": ["--reward_model", str(tmp_path / "nope")],
+        "tokenizer_mismatch": ["--reward_model", str(tiny_rm)],
+        "context": ["--reward_fn", REWARD_FN, "--max_new_tokens", "2000"],
+        "gen_batch": ["--reward_fn", REWARD_FN, "--per_device_generation_batch_size", "3"],
+        "no_reward": [],
+        "bad_reward_fn": ["--reward_fn", "tests/reward_fns.py:missing"],
+    }[case]
+    expected = {
+        "ckpt_missing": "no such folder", "ckpt_is_rm": "is a reward/value model",
+        "rm_missing": "no such folder", "tokenizer_mismatch": "different tokenizer",
+        "context": "exceeds the model's context of 1024", "gen_batch": "must divide the rollout batch",
+        "no_reward": "give the reward", "bad_reward_fn": "has no function 'missing'",
+    }[case]
+    model = tiny_llama
+    if case == "tokenizer_mismatch":  # a policy with another vocabulary than the reward model's
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        import tiny
+
+        tok = tiny.train_tokenizer(tmp_path / "tok", vocab_size=1500)
+        model = tiny.make_model(tmp_path / "other", tmp_path / "tok", "llama")
+        assert len(tok) == 1500
+    args = ppo_args(model, out, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", *extra)
+    proc = run_cli("train_ppo.py", *args)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert expected in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+    assert "ZeRO-" not in proc.stdout  # no engine was built
