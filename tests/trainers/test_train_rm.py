@@ -13,11 +13,12 @@ def test_reward_model_learns_on_shipped_english_pairs(tiny_llama, tmp_path):
         "train_rm.py", "--model_name_or_path", str(tiny_llama), "--do_train", "--do_eval", "--val_size", "0.1",
         "--dataset", "comparison_gpt4_en", "--finetuning_type", "full", "--output_dir", str(out),
         "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--num_train_epochs", "1",
-        "--lr_scheduler_type", "cosine", "--logging_steps", "10", "--max_length", "192", "--plot_loss",
+        "--lr_scheduler_type", "cosine", "--logging_steps", "1", "--max_length", "192", "--plot_loss",
         "--disable_tqdm"))
     losses = [row["loss"] for row in read_jsonl(out / "metrics.jsonl") if row["kind"] == "train"]
-    assert len(losses) >= 10
-    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:2]) / 2, losses
+    assert len(losses) == 985 // 8
+    start, end = losses[0], sum(losses[-30:]) / 30  # the first step is logged before any update
+    assert 0.6 < start < 0.8 and end < 0.5 * start, (start, end)  # from chance (ln 2 = 0.69) to well below it
     results = json.loads((out / "eval_results.json").read_text())
     assert results["eval_samples"] == 110
     assert results["eval_accuracy"] >= 0.75, results
