@@ -233,6 +233,13 @@ class PPOArguments:
     ema_beta: float = field(default=0.992, metadata={"help": "EMA decay per optimizer step."})
     eval_steps: int = field(default=50, metadata={"help": "Evaluate every N PPO steps (with --do_eval)."})
     num_samples_to_log: int = field(default=2, metadata={"help": "Responses written to samples.jsonl per log."})
+    hybrid_engine: str = field(default="ours", metadata={"help": "Actor generation: ours (gather once, no ZeRO "
+                                                                "hooks, merged LoRA), deepspeed (DeepSpeed's own, "
+                                                                "CUDA and a few architectures only) or off."})
+    hybrid_gather_layers: int = field(default=0, metadata={"help": "ZeRO-3: gather this many layers at a time "
+                                                                   "while generating (0: the whole model once)."})
+    hybrid_merge_lora: bool = field(default=True, metadata={"help": "Merge LoRA into the weights while "
+                                                                    "generating."})
 
     def __post_init__(self) -> None:
         for name in ("actor_zero_stage", "critic_zero_stage"):
@@ -246,6 +253,9 @@ class PPOArguments:
         if self.reward_model and self.reward_fn:
             raise UserError("give either --reward_model or --reward_fn, not both")
         _check_choice("kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
+        _check_choice("hybrid_engine", self.hybrid_engine, ("ours", "deepspeed", "off"))
+        if self.hybrid_gather_layers < 0:
+            raise UserError(f"--hybrid_gather_layers {self.hybrid_gather_layers} must be >= 0")
         for name in ("max_new_tokens", "max_prompt_length", "ppo_epochs", "eval_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} {getattr(self, name)} must be >= 1")

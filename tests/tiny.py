@@ -65,6 +65,12 @@ def make_model(out_dir: Path, tokenizer_dir: Path, arch: str = "llama", seed: in
     elif arch == "gpt2":  # learned absolute positions: sensitive to wrong position ids under left padding
         config = GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=1024, **ids)
         model = GPT2LMHeadModel(config)
+    elif arch == "opt":  # LayerNorm, ReLU MLP, learned positions with OPT's offset of 2
+        from transformers import OPTConfig, OPTForCausalLM
+
+        config = OPTConfig(hidden_size=hidden, ffn_dim=4 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+                           max_position_embeddings=1024, word_embed_proj_dim=hidden, **ids)
+        model = OPTForCausalLM(config)
     else:
         raise ValueError(arch)
     model.save_pretrained(str(out_dir))

@@ -1,12 +1,14 @@
-"""Where the actor generates. `generate` is the one entry point the PPO trainer calls for rollouts and evaluation;
-the hybrid engine replaces what happens inside it, never its signature."""
+"""Where the actor generates. The PPO trainer holds one generator and calls its `generate` for rollouts and
+evaluation; `build_generator` picks the plain path or a hybrid engine (engines/hybrid.py) behind the same call."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from rlhf_ds import dist
+from rlhf_ds.errors import UserError
 
 
 @dataclass
@@ -34,22 +36,41 @@ class SamplingSettings:
         return GenerationConfig(**kwargs)
 
 
-def needs_synced_gpus(engine) -> bool:
-    """Under ZeRO-3 every forward is a collective: a rank that finished early must keep stepping with the others,
-    or they wait for it forever."""
-    return engine.zero_optimization_partition_weights() and dist.world_size() > 1
+class PlainGenerator:
+    """`engine.module.generate` as it is: under ZeRO-3 every decode step gathers each layer through ZeRO's hooks,
+    and every rank must keep stepping until all are done (synced_gpus), or the others wait for it forever."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.timings = {"gather": 0.0, "generation": 0.0}
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 settings: SamplingSettings) -> torch.Tensor:
+        """Continuations of left-padded prompts: [B, N <= max_new_tokens], pad after each row's EOS."""
+        module = self.engine.module
+        was_training = module.training
+        module.eval()
+        t0 = time.time()
+        try:
+            synced = bool(self.engine.zero_optimization_partition_weights()) and dist.world_size() > 1
+            sequences = module.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                        generation_config=settings.generation_config(), synced_gpus=synced)
+        finally:
+            module.train(was_training)
+        self.timings["generation"] = time.time() - t0
+        return sequences[:, input_ids.shape[1]:]
 
 
-@torch.no_grad()
-def generate(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
-    """Sample continuations of left-padded prompts with the actor engine's model. Returns the generated tokens
-    [B, N] (N <= max_new_tokens), padded with pad_token_id after each row's EOS."""
-    was_training = engine.module.training
-    engine.module.eval()
-    try:
-        sequences = engine.module.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                           generation_config=settings.generation_config(),
-                                           synced_gpus=needs_synced_gpus(engine))
-    finally:
-        engine.module.train(was_training)
-    return sequences[:, input_ids.shape[1]:]
+def build_generator(engine, mode: str = "ours", gather_layers: int = 0, merge_lora: bool = True):
+    """'ours': rlhf_ds's hybrid engine; 'deepspeed': DeepSpeed's (its config must have been enabled when the
+    engine was built); 'off': the plain path."""
+    from rlhf_ds.engines.hybrid import DeepSpeedHybridGenerator, HybridEngine
+
+    if mode == "off":
+        return PlainGenerator(engine)
+    if mode == "ours":
+        return HybridEngine(engine, gather_layers=gather_layers, merge_lora=merge_lora)
+    if mode == "deepspeed":
+        return DeepSpeedHybridGenerator(engine)
+    raise UserError(f"--hybrid_engine {mode!r}: choose ours, deepspeed or off")

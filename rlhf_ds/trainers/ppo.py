@@ -34,7 +34,8 @@ from rlhf_ds.data.loading import DataReport, load_examples, split_eval, tokenize
 from rlhf_ds.data.template import resolve_template
 from rlhf_ds.engines.ds_config import EngineSettings, dtype_of, engine_config, resolve_precision
 from rlhf_ds.engines.factory import create_inference_engine, create_train_engine
-from rlhf_ds.engines.generation import SamplingSettings, generate
+from rlhf_ds.engines.generation import SamplingSettings, build_generator
+from rlhf_ds.engines.hybrid import deepspeed_hybrid_problem
 from rlhf_ds.errors import UserError
 from rlhf_ds.models.finetuning import apply_finetuning, count_parameters
 from rlhf_ds.models.heads import HEAD_META, ScalarHeadModel, is_lora, load_scalar_model, read_head_meta, \
@@ -47,9 +48,6 @@ from rlhf_ds.tracking import Tracker, format_metrics, progress, setup_logging
 logger = logging.getLogger("rlhf_ds.ppo")
 
 FINISHED_MARKER = "train_results.json"
-STEP_KEYS = ("reward", "reward_normalized", "kl", "kl_coef", "entropy", "response_length", "eos_rate",
-             "policy_loss", "value_loss", "clipfrac", "approx_kl", "value_explained_variance", "time_generation",
-             "time_experience", "time_training", "tokens_per_second")
 
 
 @dataclass
@@ -292,7 +290,17 @@ class PPOTrainer:
         schedule = dict(scheduler_type=args.lr_scheduler_type, warmup_steps=self.warmup_steps,
                         total_steps=self.optimizer_steps)
         actor = self._load_policy(cfg["actor"], trainable=True)
+        if ppo.hybrid_engine == "deepspeed":
+            problem = deepspeed_hybrid_problem(actor)
+            if problem:
+                raise UserError(f"--hybrid_engine deepspeed: {problem}; use --hybrid_engine ours, which works for "
+                                f"any causal LM")
+            cfg["actor"]["hybrid_engine"] = {"enabled": True, "max_out_tokens": ppo.max_prompt_length +
+                                             ppo.max_new_tokens, "inference_tp_size": 1, "pin_parameters": True,
+                                             "release_inference_cache": False, "tp_gather_partition_size": 8}
         self.actor = create_train_engine(actor, cfg["actor"], **schedule)
+        self.generator = build_generator(self.actor, ppo.hybrid_engine, ppo.hybrid_gather_layers,
+                                         ppo.hybrid_merge_lora)
         self.ref = create_inference_engine(self._load_policy(cfg["reference"], trainable=False), cfg["reference"])
         self.critic = create_train_engine(self._load_critic(cfg["critic"]), cfg["critic"], **schedule)
         self.reward = None
@@ -377,13 +385,18 @@ class PPOTrainer:
         return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
     @torch.no_grad()
-    def _sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingSettings) -> torch.Tensor:
-        size = self.ppo.per_device_generation_batch_size or prompt_ids.shape[0]
-        parts = [generate(self.actor, prompt_ids[s], prompt_mask[s], sampling)
-                 for s in self._chunks(prompt_ids.shape[0], size)]
+    def _sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingSettings,
+                size: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Responses to all prompts, in generate calls of `size` prompts; and the gather / generation seconds."""
+        size = size or self.ppo.per_device_generation_batch_size or prompt_ids.shape[0]
+        parts, timings = [], {"gather": 0.0, "generation": 0.0}
+        for s in self._chunks(prompt_ids.shape[0], size):
+            parts.append(self.generator.generate(prompt_ids[s], prompt_mask[s], sampling))
+            for key in timings:
+                timings[key] += self.generator.timings[key]
         width = max(p.shape[1] for p in parts)
         pad = self.tokenizer.pad_token_id
-        return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=pad) for p in parts])
+        return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=pad) for p in parts]), timings
 
     @torch.no_grad()
     def make_experience(self, rows: list[dict]) -> tuple[Rollout, dict[str, float]]:
@@ -391,8 +404,8 @@ class PPOTrainer:
         prompt_ids, prompt_mask = pad_sequences([r["prompt_ids"] for r in rows], self.tokenizer.pad_token_id, "left")
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
         t0 = time.time()
-        response = self._sample(prompt_ids, prompt_mask, self.sampling)
-        t_gen = time.time() - t0
+        response, gen_times = self._sample(prompt_ids, prompt_mask, self.sampling)
+        t_rollout = time.time() - t0
         mask = algo.response_mask(response, self.eos_ids)
         sequences = torch.cat([prompt_ids, response], 1)
         attention = torch.cat([prompt_mask, mask], 1)
@@ -432,7 +445,7 @@ class PPOTrainer:
             mean = total / max(count, 1)
             var = max(total_sq / max(count, 1) - mean ** 2, 0.0) * count / max(count - 1, 1)
             advantages = algo.masked_whiten(advantages, mask, stats=(torch.tensor(mean), torch.tensor(var)))
-        t_exp = time.time() - t0 - t_gen
+        t_exp = time.time() - t0 - t_rollout
         rollout = Rollout(prompt_ids, prompt_mask, response, mask, logprobs, ref_logprobs, values, scores,
                           normalized, rewards, kl, advantages, returns, [r["input_ids"] for r in rows],
                           [r["prompt_len"] for r in rows])
@@ -441,7 +454,8 @@ class PPOTrainer:
                  "kl": seq_kl.mean().item(), "response_length": mask.sum(-1).float().mean().item(),
                  "eos_rate": ended.float().mean().item(),
                  "value_explained_variance": algo.explained_variance(values, returns, mask).item(),
-                 "time_generation": t_gen, "time_experience": t_exp, "tokens": mask.sum().item()}
+                 "time_gather": gen_times["gather"], "time_generation": t_rollout - gen_times["gather"],
+                 "time_experience": t_exp, "tokens": mask.sum().item()}
         self._last_texts = (prompts_text, responses_text, scores.tolist())
         return rollout, stats
 
@@ -550,6 +564,7 @@ class PPOTrainer:
                    epoch=epoch + (step - epoch * self.steps_per_epoch) / self.steps_per_epoch)
         share = row["time_generation"] / t_total if t_total else 0.0
         row["generation_share"] = share
+        row["time_step"] = t_total
         self.tracker.log(row, step)
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.3f}")
@@ -557,9 +572,10 @@ class PPOTrainer:
             logger.info("step %d/%d %s", step, self.total_steps, format_metrics(row, (
                 "reward", "reward_normalized", "kl", "kl_coef", "response_length", "eos_rate", "policy_loss",
                 "value_loss", "entropy", "clipfrac", "approx_kl")))
-            logger.info("step %d time: generation %.2fs (%.0f%%) | experience %.2fs | training %.2fs | %.1f tokens/s",
-                        step, row["time_generation"], 100 * share, row["time_experience"], t_train,
-                        row["tokens_per_second"])
+            logger.info("step %d: E2E latency=%.2fs | Gather latency=%.2fs | Generate time=%.2fs (%.1f%%) | "
+                        "Experience time=%.2fs | Training time=%.2fs (%.1f%%) | %.1f tokens/s", step, t_total,
+                        row["time_gather"], row["time_generation"], 100 * share, row["time_experience"], t_train,
+                        100 * t_train / t_total if t_total else 0.0, row["tokens_per_second"])
 
     def _log_samples(self, step: int) -> None:
         if not dist.is_main() or self.ppo.num_samples_to_log <= 0:
@@ -586,7 +602,7 @@ class PPOTrainer:
             prompt_ids, prompt_mask = pad_sequences([r["prompt_ids"] for r in rows], self.tokenizer.pad_token_id,
                                                     "left")
             prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-            response = generate(self.actor, prompt_ids, prompt_mask, greedy)
+            response, _ = self._sample(prompt_ids, prompt_mask, greedy, size=prompt_ids.shape[0])
             mask = algo.response_mask(response, self.eos_ids)
             seq, att = torch.cat([prompt_ids, response], 1), torch.cat([prompt_mask, mask], 1)
             n = response.shape[1]

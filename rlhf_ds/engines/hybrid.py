@@ -1,0 +1,228 @@
+"""The hybrid engine: switch the actor between a fast generation mode and ZeRO training mode on every PPO step.
+
+Under ZeRO-3 a plain `generate` all-gathers every layer on every decode step, through ZeRO's module hooks. Here the
+actor instead enters a generation mode once per rollout:
+
+  1. eval mode, gradient checkpointing off;
+  2. ZeRO-3: gather the partitioned parameters once (the whole model, or `gather_layers` layers at a time when
+     memory is short) and take ZeRO's forward/backward hooks off the modules;
+  3. LoRA: merge the adapters into the (gathered) weights, so decoding runs plain matrix products;
+  4. generate with the KV cache (`synced_gpus` only when decoding still needs collectives);
+and leaves it exactly as it found it: adapters unmerged and the weights they touched restored bit for bit,
+gathered memory released (ZeRO re-partitions without writing back), hooks re-registered, train mode and
+checkpointing back on. No parameter, optimizer state or hook is left changed.
+
+This works for any Hugging Face causal LM (no per-architecture kernels). DeepSpeed's own hybrid engine
+(`--hybrid_engine deepspeed`) is available where it can run: `deepspeed_hybrid_problem` says why not otherwise.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Iterator
+
+import torch
+
+from rlhf_ds.engines.generation import SamplingSettings
+
+
+def zero_offload(engine):
+    """The DeepSpeedZeRoOffload object that owns a ZeRO-3 engine's module hooks."""
+    opt = engine.optimizer
+    return opt.parameter_offload if hasattr(opt, "parameter_offload") else opt
+
+
+def _hf_model(model):
+    """The transformers model inside a peft wrapper (where gradient checkpointing is switched)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class HybridEngine:
+    """Generation mode around a DeepSpeed actor engine. `generate` has the plain generator's signature."""
+
+    def __init__(self, engine, gather_layers: int = 0, merge_lora: bool = True):
+        self.engine = engine
+        self.model = engine.module
+        self.zero3 = bool(engine.zero_optimization_partition_weights())
+        self.gather_layers = gather_layers if self.zero3 else 0
+        self.merge_lora = merge_lora and self.gather_layers == 0
+        from peft import PeftModel
+
+        self.is_peft = isinstance(self.model, PeftModel)
+        self.timings = {"gather": 0.0, "generation": 0.0}
+
+    # ---------------------------------------------------------------------------------------- ZeRO-3 hooks
+    def _remove_zero_hooks(self) -> None:
+        offload = zero_offload(self.engine)
+        for p in self.model.parameters():
+            p.ds_active_sub_modules.clear()
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+
+    def _restore_zero_hooks(self) -> None:
+        # count=[0] numbers the modules exactly as at engine creation (the default list keeps counting up);
+        # re-registering also invalidates the parameter coordinator's trace, so it re-records next forward.
+        offload = zero_offload(self.engine)
+        offload._register_deepspeed_module(offload.module, count=[0])
+
+    # --------------------------------------------------------------------------------------------- gathering
+    def _gather_whole(self, stack: contextlib.ExitStack) -> None:
+        import deepspeed
+
+        stack.enter_context(deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None))
+        self._remove_zero_hooks()
+        stack.callback(self._restore_zero_hooks)
+
+    def _gather_by_groups(self, stack: contextlib.ExitStack) -> None:
+        """Everything outside the transformer blocks stays gathered for the rollout; each group of
+        `gather_layers` blocks is gathered just before it runs and released right after, on every decode step."""
+        import deepspeed
+
+        from rlhf_ds.models.finetuning import decoder_layers
+
+        layers = decoder_layers(_hf_model(self.model))
+        in_layers = {id(p) for p in layers.parameters()}
+        rest = [p for p in self.model.parameters() if id(p) not in in_layers]
+        stack.enter_context(deepspeed.zero.GatheredParameters(rest, modifier_rank=None))
+        self._remove_zero_hooks()
+        stack.callback(self._restore_zero_hooks)
+        handles = []
+        k = self.gather_layers
+        for start in range(0, len(layers), k):
+            group = list(layers[start:start + k])
+            params = [p for block in group for p in block.parameters()]
+            box: list = []
+
+            def gather(module, args, params=params, box=box):
+                ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+                ctx.__enter__()
+                box.append(ctx)
+
+            def release(module, args, output, box=box):
+                box.pop().__exit__(None, None, None)
+
+            handles.append(group[0].register_forward_pre_hook(gather))
+            handles.append(group[-1].register_forward_hook(release))
+        stack.callback(lambda: [h.remove() for h in handles])
+
+    # ---------------------------------------------------------------------------------------------- LoRA
+    def _merge(self, stack: contextlib.ExitStack) -> None:
+        """Merge every LoRA adapter into its base weight for the rollout, and restore the weights exactly after:
+        a merged-then-unmerged weight differs from the original in its last bits, so the touched weights are
+        copied first, except gathered ZeRO-3 ones, whose partitions the release leaves untouched anyway."""
+        from peft.tuners.lora import LoraLayer
+
+        saved = []
+        for module in self.model.modules():
+            if isinstance(module, LoraLayer):
+                weight = module.get_base_layer().weight
+                if not self.zero3 or getattr(weight, "ds_persist", False):
+                    saved.append((weight, weight.data.clone()))
+        self.model.merge_adapter()
+
+        def unmerge() -> None:
+            self.model.unmerge_adapter()
+            for weight, data in saved:
+                weight.data.copy_(data)
+
+        stack.callback(unmerge)
+
+    # ------------------------------------------------------------------------------------------ the switch
+    @contextlib.contextmanager
+    def generation_mode(self) -> Iterator[None]:
+        t0 = time.time()
+        hf = _hf_model(self.model)
+        was_training = self.model.training
+        checkpointing = bool(getattr(hf, "is_gradient_checkpointing", False))
+        stack = contextlib.ExitStack()
+        try:
+            if checkpointing:
+                hf.gradient_checkpointing_disable()
+            self.model.eval()
+            if self.zero3:
+                (self._gather_by_groups if self.gather_layers else self._gather_whole)(stack)
+            if self.is_peft and self.merge_lora:
+                self._merge(stack)
+            self.timings["gather"] = time.time() - t0
+            yield
+        finally:
+            t1 = time.time()
+            stack.close()
+            self.model.train(was_training)
+            if checkpointing:
+                hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.timings["gather"] += time.time() - t1
+
+    @property
+    def synced_gpus(self) -> bool:
+        """Collectives during decoding only when blocks are gathered step by step."""
+        import torch.distributed as tdist
+
+        return self.zero3 and self.gather_layers > 0 and tdist.is_initialized() and tdist.get_world_size() > 1
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 settings: SamplingSettings) -> torch.Tensor:
+        with self.generation_mode():
+            t0 = time.time()
+            sequences = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                            generation_config=settings.generation_config(),
+                                            synced_gpus=self.synced_gpus)
+            self.timings["generation"] = time.time() - t0
+        return sequences[:, input_ids.shape[1]:]
+
+
+# --------------------------------------------------------------------------------- DeepSpeed's hybrid engine
+
+# Decoder-layer classes for which DeepSpeed 0.19 has a hybrid-engine container (module_inject/containers).
+DEEPSPEED_HYBRID_LAYERS = ("OPTDecoderLayer", "GPTJBlock", "GPTNeoBlock", "GPTNeoXLayer", "BloomBlock",
+                           "LlamaDecoderLayer", "InternLMDecoderLayer")
+
+
+def deepspeed_hybrid_problem(model) -> str | None:
+    """Why DeepSpeed's own hybrid engine cannot run this model here, or None if it may."""
+    import inspect
+
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cuda":
+        return ("DeepSpeed's hybrid engine needs its CUDA inference kernels, and this machine runs DeepSpeed on "
+                f"'{get_accelerator().device_name()}'")
+    classes = {type(m).__name__: type(m) for m in model.modules()}
+    covered = [name for name in DEEPSPEED_HYBRID_LAYERS if name in classes]
+    if not covered:
+        return (f"DeepSpeed's hybrid engine has no container for this architecture ({type(_hf_model(model)).__name__}"
+                f"); it covers {', '.join(DEEPSPEED_HYBRID_LAYERS)}")
+    if covered == ["OPTDecoderLayer"]:
+        params = inspect.signature(classes["OPTDecoderLayer"].forward).parameters
+        if "cache_position" in params or "past_key_values" in params:
+            import transformers
+
+            return (f"DeepSpeed's hybrid engine skips OPT layers with the cache interface of transformers "
+                    f"{transformers.__version__} (it implements only the legacy tuple cache), so it would find "
+                    f"nothing to run")
+    return None
+
+
+class DeepSpeedHybridGenerator:
+    """Generation through DeepSpeed's own hybrid engine (`"hybrid_engine": {"enabled": true}` in the actor's
+    config): its generate() swaps in the inference kernels and prints its own latency line."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.timings = {"gather": 0.0, "generation": 0.0}
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 settings: SamplingSettings) -> torch.Tensor:
+        t0 = time.time()
+        self.engine.eval()
+        try:
+            sequences = self.engine.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                             generation_config=settings.generation_config(), synced_gpus=False)
+        finally:
+            self.engine.train()
+        self.timings["gather"] = getattr(self.engine, "_gather_latency", 0.0)
+        self.timings["generation"] = time.time() - t0 - self.timings["gather"]
+        return sequences[:, input_ids.shape[1]:]

@@ -1,0 +1,112 @@
+"""Run under torchrun (2 ranks) by tests/engines/test_hybrid.py: for every ZeRO stage x fine-tuning type x
+architecture, check the hybrid engine against plain generation and a never-switched engine; rank 0 writes JSON.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/workers/hybrid_check.py OUT.json MODEL_DIR...
+"""
+import copy
+import json
+import sys
+
+import torch
+
+from rlhf_ds import dist
+from rlhf_ds.args import FinetuningArguments
+from rlhf_ds.engines.ds_config import EngineSettings, engine_config
+from rlhf_ds.engines.factory import create_train_engine
+from rlhf_ds.engines.generation import SamplingSettings
+from rlhf_ds.engines.hybrid import HybridEngine, zero_offload
+from rlhf_ds.models.finetuning import apply_finetuning
+from rlhf_ds.models.loading import disable_dropout
+
+
+def build(model_dir: str, finetuning: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = apply_finetuning(model, FinetuningArguments(finetuning_type=finetuning, lora_dropout=0.0),
+                             task_type="CAUSAL_LM")
+    if finetuning == "lora":  # non-zero adapters, so merging them changes the weights
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.3)
+    disable_dropout(model)  # as the PPO actor does (OPT's config has dropout 0.1)
+    return model
+
+
+def engine_for(model, stage: int):
+    cfg = engine_config(EngineSettings(micro_batch=2, lr=1e-2, stage=stage, world_size=dist.world_size(),
+                                       persistence_threshold=0), trainable=True)
+    return create_train_engine(model, cfg, scheduler_type="constant", warmup_steps=0, total_steps=10)
+
+
+def snapshot(engine) -> list[torch.Tensor]:
+    """This rank's copy of every parameter: the ZeRO-3 partition, or the whole tensor."""
+    return [(p.ds_tensor if hasattr(p, "ds_tensor") else p.data).detach().clone() for p in engine.module.parameters()]
+
+
+def train_step(engine, batch) -> tuple[float, list[torch.Tensor]]:
+    from deepspeed.utils import safe_get_full_grad
+
+    out = engine(input_ids=batch, attention_mask=torch.ones_like(batch), labels=batch)
+    engine.backward(out.loss)
+    grads = [safe_get_full_grad(p).clone() for p in engine.module.parameters() if p.requires_grad]
+    engine.step()
+    return out.loss.item(), grads
+
+
+def check(model_dir: str, stage: int, finetuning: str, gather_layers: int = 0) -> dict:
+    rank = dist.rank()
+    g = torch.Generator().manual_seed(100 + rank)  # each rank its own prompts
+    prompts = torch.randint(10, 1900, (2, 6), generator=g)
+    mask = torch.ones_like(prompts)
+    mask[1, :2] = 0  # a left-padded row
+    prompts[1, :2] = 0
+    # ranks stop at different lengths: without collectives during decoding, nobody waits for anybody
+    settings = SamplingSettings(max_new_tokens=5 + 4 * rank, eos_token_ids=[2], pad_token_id=0, do_sample=False)
+
+    model = build(model_dir, finetuning)
+    plain = copy.deepcopy(model).eval()  # the same weights, outside DeepSpeed
+    engine = engine_for(model, stage)
+    hybrid = HybridEngine(engine, gather_layers=gather_layers)
+    before = snapshot(engine)
+    hooks = (len(zero_offload(engine).forward_hooks), len(zero_offload(engine).backward_hooks)) if stage == 3 else None
+    ours = hybrid.generate(prompts, mask, settings)
+    with torch.no_grad():
+        ref = plain.generate(input_ids=prompts, attention_mask=mask, generation_config=settings.generation_config())
+    ref = ref[:, prompts.shape[1]:]
+    after = snapshot(engine)
+    weight_diff = max((a - b).abs().max().item() for a, b in zip(before, after) if a.numel())
+    hooks_after = (len(zero_offload(engine).forward_hooks), len(zero_offload(engine).backward_hooks)) \
+        if stage == 3 else None
+
+    batch = torch.randint(10, 1900, (2, 8), generator=torch.Generator().manual_seed(7 + rank))
+    loss_switched, grads_switched = train_step(engine, batch)
+    never = engine_for(build(model_dir, finetuning), stage)
+    loss_never, grads_never = train_step(never, batch)
+    grad_diff = max((a - b).abs().max().item() for a, b in zip(grads_switched, grads_never))
+    result = {"same_tokens": bool(torch.equal(ours, ref)), "new_tokens": ours.shape[1],
+              "weight_diff": weight_diff, "hooks_kept": hooks == hooks_after,
+              "loss_diff": abs(loss_switched - loss_never), "grad_diff": grad_diff}
+    return {k: v for k, v in zip(range(dist.world_size()), dist.all_gather_object(result))}
+
+
+def main() -> None:
+    out, model_dirs = sys.argv[1], sys.argv[2:]
+    dist.init_distributed()
+    results = {}
+    for model_dir in model_dirs:
+        for stage in (2, 3):
+            for finetuning in ("lora", "full"):
+                results[f"{model_dir.rstrip('/').split('/')[-1]}|zero{stage}|{finetuning}"] = check(
+                    model_dir, stage, finetuning)
+        # memory-short mode: one block gathered at a time on every decode step (collectives while decoding)
+        results[f"{model_dir.rstrip('/').split('/')[-1]}|zero3-layers|lora"] = check(model_dir, 3, "lora", 1)
+    if dist.is_main():
+        with open(out, "w") as f:
+            json.dump(results, f, indent=1)
+    dist.shutdown(0)
+
+
+if __name__ == "__main__":
+    main()
