@@ -238,8 +238,9 @@ class PPOArguments:
                                                                 "CUDA and a few architectures only) or off."})
     hybrid_gather_layers: int = field(default=0, metadata={"help": "ZeRO-3: gather this many layers at a time "
                                                                    "while generating (0: the whole model once)."})
-    hybrid_merge_lora: bool = field(default=True, metadata={"help": "Merge LoRA into the weights while "
-                                                                    "generating."})
+    hybrid_merge_lora: str = field(default="auto", metadata={"help": "Merge LoRA into the weights while "
+                                                                     "generating: on, off, or auto (when a call "
+                                                                     "generates at least 128 tokens in all)."})
 
     def __post_init__(self) -> None:
         for name in ("actor_zero_stage", "critic_zero_stage"):
@@ -254,6 +255,7 @@ class PPOArguments:
             raise UserError("give either --reward_model or --reward_fn, not both")
         _check_choice("kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
         _check_choice("hybrid_engine", self.hybrid_engine, ("ours", "deepspeed", "off"))
+        _check_choice("hybrid_merge_lora", self.hybrid_merge_lora, ("auto", "on", "off"))
         if self.hybrid_gather_layers < 0:
             raise UserError(f"--hybrid_gather_layers {self.hybrid_gather_layers} must be >= 0")
         for name in ("max_new_tokens", "max_prompt_length", "ppo_epochs", "eval_steps"):

@@ -17,7 +17,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import tiny  # noqa: E402  (needs the path above)
+from rlhf_ds.models import tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -62,7 +62,7 @@ class PlainGenerator:
         return sequences[:, input_ids.shape[1]:]
 
 
-def build_generator(engine, mode: str = "ours", gather_layers: int = 0, merge_lora: bool = True):
+def build_generator(engine, mode: str = "ours", gather_layers: int = 0, merge_lora: str = "auto"):
     """'ours': rlhf_ds's hybrid engine; 'deepspeed': DeepSpeed's (its config must have been enabled when the
     engine was built); 'off': the plain path."""
     from rlhf_ds.engines.hybrid import DeepSpeedHybridGenerator, HybridEngine

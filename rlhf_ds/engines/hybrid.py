@@ -6,7 +6,8 @@ actor instead enters a generation mode once per rollout:
   1. eval mode, gradient checkpointing off;
   2. ZeRO-3: gather the partitioned parameters once (the whole model, or `gather_layers` layers at a time when
      memory is short) and take ZeRO's forward/backward hooks off the modules;
-  3. LoRA: merge the adapters into the (gathered) weights, so decoding runs plain matrix products;
+  3. LoRA: merge the adapters into the (gathered) weights, so decoding runs plain matrix products (when the
+     rollout is long enough for that to pay: see MERGE_MIN_TOKENS);
   4. generate with the KV cache (`synced_gpus` only when decoding still needs collectives);
 and leaves it exactly as it found it: adapters unmerged and the weights they touched restored bit for bit,
 gathered memory released (ZeRO re-partitions without writing back), hooks re-registered, train mode and
@@ -37,15 +38,22 @@ def _hf_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+# Merging LoRA costs a fixed time per rollout (measured on 2 CPU cores with SmolLM2-135M, rank 8 on every linear
+# layer: about 0.3 s to merge and restore) and saves time on every generated token (2.32 -> 1.82 s for 4 x 32
+# tokens). It pays off from about 80 generated tokens per call; "auto" merges from 128.
+MERGE_MIN_TOKENS = 128
+
+
 class HybridEngine:
     """Generation mode around a DeepSpeed actor engine. `generate` has the plain generator's signature."""
 
-    def __init__(self, engine, gather_layers: int = 0, merge_lora: bool = True):
+    def __init__(self, engine, gather_layers: int = 0, merge_lora: str = "auto"):
         self.engine = engine
         self.model = engine.module
         self.zero3 = bool(engine.zero_optimization_partition_weights())
         self.gather_layers = gather_layers if self.zero3 else 0
-        self.merge_lora = merge_lora and self.gather_layers == 0
+        # with layer-by-layer gathering the adapters' base weights are not all gathered at once: never merge
+        self.merge_lora = "off" if self.gather_layers else merge_lora
         from peft import PeftModel
 
         self.is_peft = isinstance(self.model, PeftModel)
@@ -130,7 +138,7 @@ class HybridEngine:
 
     # ------------------------------------------------------------------------------------------ the switch
     @contextlib.contextmanager
-    def generation_mode(self) -> Iterator[None]:
+    def generation_mode(self, merge: bool = True) -> Iterator[None]:
         t0 = time.time()
         hf = _hf_model(self.model)
         was_training = self.model.training
@@ -142,7 +150,7 @@ class HybridEngine:
             self.model.eval()
             if self.zero3:
                 (self._gather_by_groups if self.gather_layers else self._gather_whole)(stack)
-            if self.is_peft and self.merge_lora:
+            if self.is_peft and merge:
                 self._merge(stack)
             self.timings["gather"] = time.time() - t0
             yield
@@ -164,7 +172,9 @@ class HybridEngine:
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  settings: SamplingSettings) -> torch.Tensor:
-        with self.generation_mode():
+        tokens = input_ids.shape[0] * settings.max_new_tokens
+        merge = self.merge_lora == "on" or (self.merge_lora == "auto" and tokens >= MERGE_MIN_TOKENS)
+        with self.generation_mode(merge):
             t0 = time.time()
             sequences = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                             generation_config=settings.generation_config(),

@@ -13,7 +13,7 @@ from conftest import REPO, check_ok
 
 @pytest.fixture(scope="module")
 def tiny_opt(artifacts, tokenizer_dir):
-    import tiny
+    from rlhf_ds.models import tiny
 
     return tiny.make_model(artifacts / "tiny-opt", tokenizer_dir, "opt")
 

@@ -145,10 +145,7 @@ def test_bad_input_is_refused_before_any_engine_is_built(case, tiny_llama, tiny_
     }[case]
     model = tiny_llama
     if case == "tokenizer_mismatch":  # a policy with another vocabulary than the reward model's
-        import sys
-
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        import tiny
+        from rlhf_ds.models import tiny
 
         tok = tiny.train_tokenizer(tmp_path / "tok", vocab_size=1500)
         model = tiny.make_model(tmp_path / "other", tmp_path / "tok", "llama")

@@ -68,7 +68,7 @@ def check(model_dir: str, stage: int, finetuning: str, gather_layers: int = 0) -
     model = build(model_dir, finetuning)
     plain = copy.deepcopy(model).eval()  # the same weights, outside DeepSpeed
     engine = engine_for(model, stage)
-    hybrid = HybridEngine(engine, gather_layers=gather_layers)
+    hybrid = HybridEngine(engine, gather_layers=gather_layers, merge_lora="on")
     before = snapshot(engine)
     hooks = (len(zero_offload(engine).forward_hooks), len(zero_offload(engine).backward_hooks)) if stage == 3 else None
     ours = hybrid.generate(prompts, mask, settings)

@@ -1,12 +1,13 @@
-"""Tiny models built from configs and a byte-level BPE tokenizer trained here on the shipped data: everything a
-test needs, made in seconds with nothing downloaded."""
+"""Randomly initialised models built from configs, and a byte-level BPE tokenizer trained on the shipped data:
+made in seconds with nothing downloaded. The tests and the benchmarks use them; so can anyone trying a change."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "data"
+from rlhf_ds.args import DEFAULT_DATASET_DIR
+
+DATA = Path(DEFAULT_DATASET_DIR)
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
@@ -46,7 +47,8 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 2000, chat: bool = True):
 
 
 def make_model(out_dir: Path, tokenizer_dir: Path, arch: str = "llama", seed: int = 0, hidden: int = 64,
-               layers: int = 2) -> Path:
+               layers: int = 2, heads: int = 4, ffn: int | None = None, max_positions: int = 1024,
+               dtype=None) -> Path:
     """A randomly initialised causal LM of the given architecture, saved with the tokenizer beside it."""
     import shutil
 
@@ -58,21 +60,24 @@ def make_model(out_dir: Path, tokenizer_dir: Path, arch: str = "llama", seed: in
                eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(seed)
     if arch == "llama":
-        config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                             tie_word_embeddings=False, **ids)
+        config = LlamaConfig(hidden_size=hidden, intermediate_size=ffn or 2 * hidden, num_hidden_layers=layers,
+                             num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                             max_position_embeddings=max_positions, tie_word_embeddings=False, **ids)
         model = LlamaForCausalLM(config)
     elif arch == "gpt2":  # learned absolute positions: sensitive to wrong position ids under left padding
-        config = GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=1024, **ids)
+        config = GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions, **ids)
         model = GPT2LMHeadModel(config)
     elif arch == "opt":  # LayerNorm, ReLU MLP, learned positions with OPT's offset of 2
         from transformers import OPTConfig, OPTForCausalLM
 
-        config = OPTConfig(hidden_size=hidden, ffn_dim=4 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-                           max_position_embeddings=1024, word_embed_proj_dim=hidden, **ids)
+        config = OPTConfig(hidden_size=hidden, ffn_dim=ffn or 4 * hidden, num_hidden_layers=layers,
+                           num_attention_heads=heads, max_position_embeddings=max_positions,
+                           word_embed_proj_dim=hidden, **ids)
         model = OPTForCausalLM(config)
     else:
         raise ValueError(arch)
+    if dtype is not None:
+        model = model.to(dtype)
     model.save_pretrained(str(out_dir))
     for f in Path(tokenizer_dir).iterdir():
         shutil.copy(f, out_dir / f.name)
