@@ -24,7 +24,6 @@ if __name__ == "__main__":
     if args.worker:
         from rlhf_ds import dist
         from rlhf_ds.benchmarks import bench_ppo_worker
-        from rlhf_ds.tracking import setup_logging
 
         result = bench_ppo_worker(args.zero_stage, args.hybrid_engine, args.steps, args.warmup)
         if dist.is_main():

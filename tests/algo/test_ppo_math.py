@@ -30,7 +30,7 @@ def batch():
 
 
 def test_response_mask_keeps_tokens_up_to_and_including_first_eos():
-    eos, pad = 2, 0
+    eos = 2
     resp = torch.tensor([[5, 6, 2, 0, 0], [2, 0, 0, 0, 0], [5, 6, 7, 8, 9], [5, 2, 7, 2, 0]])
     mask = algo.response_mask(resp, [eos])
     expected = []

@@ -6,7 +6,6 @@ import json
 import sys
 
 import pytest
-import torch
 
 from conftest import REPO, check_ok
 
