@@ -115,6 +115,54 @@ def export_merged_lora(base_path: str | Path, peft_config, adapter_state: dict[s
         missing = sorted(lora_keys - set(renamed))[:3]
         raise RuntimeError(f"adapter weights do not match the model: missing {missing}")
     peft_model.load_state_dict(renamed, strict=False)
+    save_merged(peft_model, out_dir, tokenizer)
+
+
+def save_merged(peft_model, out_dir: Path, tokenizer) -> None:
     merged = peft_model.merge_and_unload()
     merged.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
+
+
+def adapter_base(adapter_dir: str | Path, base_model: str | None = None) -> str:
+    """The base model an adapter folder was trained on: as given, or as recorded in its adapter_config.json."""
+    import json
+
+    if base_model:
+        return base_model
+    recorded = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not recorded:
+        raise UserError(f"{adapter_dir}/adapter_config.json names no base model; pass --base_model")
+    return recorded
+
+
+def export_model_dir(model_dir: str | Path, out_dir: Path, base_model: str | None = None,
+                     dtype: torch.dtype = torch.float32) -> Path:
+    """A stage's output (a LoRA adapter, a full model folder, or a PPO --output_dir) as one plain Hugging Face
+    folder, written under a temporary name and renamed when complete."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_ds.models.loading import load_tokenizer, resolve_model_path
+
+    src = Path(model_dir)
+    if (src / "actor").is_dir():  # a train_ppo.py output: its policy
+        src = src / "actor"
+    if not src.is_dir():
+        raise UserError(f"--model_dir {model_dir}: no such folder")
+    if not (is_adapter_dir(src) or (src / "config.json").is_file()):
+        raise UserError(f"--model_dir {model_dir}: neither a LoRA adapter (adapter_config.json) nor a model folder "
+                        f"(config.json)")
+    tokenizer = load_tokenizer(src)
+
+    def write(tmp: Path) -> None:
+        if is_adapter_dir(src):
+            base = resolve_model_path(adapter_base(src, base_model))
+            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype), str(src))
+            save_merged(model, tmp, tokenizer)
+        else:
+            AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype).save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+
+    publish_dir(write, out_dir)
+    return out_dir

@@ -6,7 +6,6 @@ import logging
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -32,10 +31,6 @@ def setup_logging() -> None:
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     for noisy in ("DeepSpeed", "deepspeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Deprecation notices from inside torch / DeepSpeed / transformers that a user can do nothing about.
-    for pattern in (r".*all_gather_into_tensor.*", r".*reduce_scatter_tensor.*", r".*is_gradient_checkpointing.*",
-                    r".*torch\.jit\.script_method.*"):
-        warnings.filterwarnings("ignore", message=pattern)
 
 
 def _clean(value: Any) -> Any:

@@ -259,13 +259,6 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return loss, stats
 
 
-def sft_loss(logits: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Token-mean cross-entropy of predicting tokens[:, 1:] where loss_mask[:, 1:] is 1 (the answer tokens)."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    nll = -logp.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return masked_mean(nll, loss_mask[:, 1:].to(nll.dtype))
-
-
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """1 - Var[R - V] / Var[R] over masked positions: 1 is a perfect critic, 0 predicts nothing."""
     var_returns = masked_var(returns, mask, unbiased=False)

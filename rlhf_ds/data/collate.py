@@ -22,6 +22,21 @@ class PairCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+class SFTCollator:
+    """Prompt + answer sequences -> right-padded input_ids, attention_mask and loss_mask (1 on answer tokens only:
+    the prompt and the padding never count in the loss)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = pad_sequences([r["input_ids"] for r in rows], self.pad_id, "right")
+        positions = torch.arange(input_ids.shape[1]).unsqueeze(0)
+        prompt_len = torch.tensor([r["prompt_len"] for r in rows]).unsqueeze(1)
+        loss_mask = (positions >= prompt_len).long() * attention_mask
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
 def train_sampler(dataset, batch_size: int, rank: int, world: int, seed: int, group_by_length: bool):
     """Shuffled, evenly split over ranks (the tail that does not divide is dropped, so every rank runs the same
     number of steps); with group_by_length, batches hold examples of similar length (the `length` column)."""

@@ -23,10 +23,16 @@ _PAD_CANDIDATES = ("<pad>", "<|pad|>", "<|endoftext|>", "<unk>", "[PAD]")
 
 def quiet_transformers() -> None:
     """Keep the console to our own progress lines: no per-load weight tables or bars from transformers."""
+    import warnings
+
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    # Deprecation notices from inside torch / DeepSpeed / transformers that a user can do nothing about.
+    for pattern in (r".*all_gather_into_tensor.*", r".*reduce_scatter_tensor.*", r".*is_gradient_checkpointing.*",
+                    r".*torch\.jit\.script_method.*"):
+        warnings.filterwarnings("ignore", message=pattern)
 
 
 def resolve_model_path(name_or_path: str) -> Path:

@@ -24,12 +24,13 @@ from torch.utils.data import DataLoader
 import rlhf_ds
 from rlhf_ds import dist
 from rlhf_ds.algo import ppo as algo
+from rlhf_ds.algo.losses import sft_loss
 from rlhf_ds.algo.sequence import gather_last, pad_sequences, position_ids_from_mask
 from rlhf_ds.args import (DataArguments, FinetuningArguments, ModelArguments, PPOArguments, RuntimeArguments,
                           TrainingArguments, parse_args, to_dict)
 from rlhf_ds.checkpoint import (check_output_dir, export_merged_lora, gather_state_dict, is_adapter_dir,
                                 publish_dir, publish_files, save_causal_lm)
-from rlhf_ds.data.collate import even_shards, train_sampler
+from rlhf_ds.data.collate import SFTCollator, even_shards, train_sampler
 from rlhf_ds.data.loading import DataReport, load_examples, split_eval, tokenize_prompts
 from rlhf_ds.data.template import resolve_template
 from rlhf_ds.engines.ds_config import EngineSettings, dtype_of, engine_config, resolve_precision
@@ -461,13 +462,12 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------------------------------- training
     def _ptx_loss(self, mb: Rollout) -> torch.Tensor:
-        ids, attention = pad_sequences(mb.ptx_ids, self.tokenizer.pad_token_id, "right")
-        ids, attention = ids.to(dist.device()), attention.to(dist.device())
-        positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
-        answer = (positions >= torch.tensor(mb.ptx_prompt_len, device=ids.device).unsqueeze(1)).long() * attention
-        out = self.actor(input_ids=ids, attention_mask=attention, position_ids=position_ids_from_mask(attention),
-                         use_cache=False)
-        return algo.sft_loss(out.logits, ids, answer)
+        batch = SFTCollator(self.tokenizer.pad_token_id)([{"input_ids": ids, "prompt_len": n}
+                                                          for ids, n in zip(mb.ptx_ids, mb.ptx_prompt_len)])
+        batch = {k: v.to(dist.device()) for k, v in batch.items()}
+        out = self.actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False)
+        return sft_loss(out.logits, batch["input_ids"], batch["loss_mask"])
 
     def train_on(self, ro: Rollout) -> dict[str, float]:
         ppo = self.ppo

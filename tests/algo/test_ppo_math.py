@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rlhf_ds.algo import ppo as algo
+from rlhf_ds.algo.losses import sft_loss
 
 B, T = 5, 7
 
@@ -183,7 +184,7 @@ def test_sft_loss_counts_only_answer_tokens():
         row = logits[0, t - 1].tolist()
         m = max(row)
         nll.append(-(row[tokens[0, t]] - m - math.log(sum(math.exp(v - m) for v in row))))
-    assert algo.sft_loss(logits, tokens, answer).item() == pytest.approx(sum(nll) / 2, rel=1e-5)
+    assert sft_loss(logits, tokens, answer).item() == pytest.approx(sum(nll) / 2, rel=1e-5)
 
 
 def test_adaptive_kl_controller_follows_the_reference_formula():
