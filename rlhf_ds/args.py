@@ -112,6 +112,8 @@ class TrainingArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a finished run in --output_dir."})
     do_train: bool = field(default=False, metadata={"help": "Train."})
     do_eval: bool = field(default=False, metadata={"help": "Evaluate at the end (needs --val_size or --eval_dataset)."})
+    eval_before_train: bool = field(default=False, metadata={"help": "With --do_eval, also evaluate before training "
+                                                                     "(results as init_eval_*)."})
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Examples per rank per micro-step."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-steps per optimizer step."})
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate."})

@@ -229,7 +229,7 @@ class StageTrainer:
             def write(tmp: Path) -> None:
                 self.write_model(tmp, state, final=True)
                 for prefix, name in (("eval_", "eval_results.json"), ("train_", "train_results.json")):
-                    values = {k: v for k, v in self.metrics.items() if k.startswith(prefix)}
+                    values = {k: v for k, v in self.metrics.items() if k.startswith((prefix, f"init_{prefix}"))}
                     if values:
                         (tmp / name).write_text(json.dumps(values, indent=2))
 
@@ -247,6 +247,9 @@ class StageTrainer:
 
     def run(self) -> int:
         self.setup()
+        if self.args.do_eval and self.args.eval_before_train:
+            before = self.evaluate()
+            self.metrics.update({f"init_{k}": v for k, v in before.items()})
         self.train()
         if self.args.do_eval:
             self.evaluate()

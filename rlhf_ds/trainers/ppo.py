@@ -595,6 +595,7 @@ class PPOTrainer:
         greedy = SamplingSettings(max_new_tokens=self.ppo.max_new_tokens, eos_token_ids=self.eos_ids,
                                   pad_token_id=self.tokenizer.pad_token_id, do_sample=False)
         found: dict[int, tuple[float, float, float, float, float]] = {}
+        texts: dict[int, dict[str, Any]] = {}  # the first prompts, kept with their answers for eval_samples.jsonl
         batches = even_shards(len(self.eval_set), dist.rank(), dist.world_size(), self.rt.per_device_eval_batch_size)
         self.actor.eval()
         for indices, n_real in batches:
@@ -610,7 +611,8 @@ class PPOTrainer:
             ref_logp = algo.logprobs_from_logits(response_logits(self.ref, seq, att, n), response)
             kl = algo.masked_sum(logp - ref_logp, mask, dim=-1)
             prompts = [r["prompt_text"] for r in rows]
-            score = self._score(seq, att, prompts, self._decode(response, mask))
+            decoded = self._decode(response, mask)
+            score = self._score(seq, att, prompts, decoded)
             ref_ids, ref_att = pad_sequences([r["input_ids"] for r in rows], self.tokenizer.pad_token_id, "left")
             answers = [self.tokenizer.decode(r["input_ids"][r["prompt_len"]:], skip_special_tokens=True) for r in rows]
             ref_score = self._score(ref_ids.to(device), ref_att.to(device), prompts, answers)
@@ -618,9 +620,15 @@ class PPOTrainer:
             for k in range(n_real):
                 found[indices[k]] = (score[k].item(), ref_score[k].item(), kl[k].item(),
                                      mask[k].sum().item(), ended[k].item())
+                if indices[k] < self.ppo.num_samples_to_log:
+                    texts[indices[k]] = {"step": step, "prompt": prompts[k], "response": decoded[k],
+                                         "reward": score[k].item(), "reference": answers[k],
+                                         "reference_reward": ref_score[k].item()}
         self.actor.train()
         for part in dist.all_gather_object(found):
             found.update(part)
+        for part in dist.all_gather_object(texts):
+            texts.update(part)
         rows = list(found.values())
         wins = [1.0 if s > r else 0.5 if s == r else 0.0 for s, r, *_ in rows]
         result = {"step": step, "eval_reward": sum(r[0] for r in rows) / len(rows),
@@ -632,6 +640,9 @@ class PPOTrainer:
         if dist.is_main():
             with open(self.out / "eval_results.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(result) + "\n")
+            with open(self.out / "eval_samples.jsonl", "a", encoding="utf-8") as f:
+                for index in sorted(texts):
+                    f.write(json.dumps({"index": index, **texts[index]}, ensure_ascii=False) + "\n")
         self.tracker.log({k: v for k, v in result.items() if k != "step"}, step, kind="eval")
         logger.info("eval at step %d: %s", step, format_metrics(result, (
             "eval_reward", "eval_win_rate", "eval_kl", "eval_response_length", "eval_eos_rate")))
