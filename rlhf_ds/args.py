@@ -128,7 +128,14 @@ class TrainingArguments:
     warmup_ratio: float = field(default=0.0, metadata={"help": "Warm-up as a fraction of all steps."})
     warmup_steps: int = field(default=0, metadata={"help": "Warm-up steps (overrides --warmup_ratio)."})
     logging_steps: int = field(default=10, metadata={"help": "Log every N optimizer steps."})
-    save_steps: int = field(default=500, metadata={"help": "Save a checkpoint every N optimizer steps (0: never)."})
+    save_steps: int = field(default=500, metadata={"help": "Save a resumable checkpoint every N optimizer steps "
+                                                           "(0: never)."})
+    save_total_limit: int | None = field(default=None, metadata={"help": "Keep only the newest K checkpoints."})
+    resume: str = field(default="auto", metadata={"help": "auto: continue from the newest checkpoint in "
+                                                          "--output_dir if there is one; or a checkpoint path."})
+    universal_checkpoint: bool = field(default=False, metadata={"help": "Resume on a different number of ranks "
+                                                                        "or ZeRO stage (DeepSpeed's universal "
+                                                                        "checkpoint conversion)."})
     seed: int = field(default=42, metadata={"help": "Seed for data order, initialisation and dropout."})
     group_by_length: bool = field(default=True, metadata={"help": "Batch examples of similar length together "
                                                                   "(less padding; still shuffled)."})
@@ -144,6 +151,8 @@ class TrainingArguments:
                 raise UserError(f"--{name} {getattr(self, name)} must be >= 1")
         if self.num_train_epochs <= 0 and self.max_steps <= 0:
             raise UserError("nothing to train: give --num_train_epochs > 0 or --max_steps > 0")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise UserError(f"--save_total_limit {self.save_total_limit} must be >= 1")
         if not 0 <= self.warmup_ratio < 1:
             raise UserError(f"--warmup_ratio {self.warmup_ratio} must be in [0, 1)")
 

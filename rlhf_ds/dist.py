@@ -129,3 +129,36 @@ def shutdown(rc: int = 0) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)
+
+
+class StopSignal:
+    """SIGTERM and SIGUSR1 (what SLURM sends before preemption or the time limit, e.g. --signal=USR1@120) set a
+    flag; the training loop asks `requested()` after every step, and all ranks agree on it, so that they finish the
+    same step, save together and stop together."""
+
+    def __init__(self) -> None:
+        import signal
+
+        self.received: int | None = None  # the signal this rank got
+        self.seen: int | None = None  # the signal some rank got, once requested() has agreed on it
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def requested(self) -> bool:
+        import signal
+
+        # one slot per signal, summed over ranks: every rank learns that a stop was asked for, and which signal
+        flags = torch.tensor([1.0 if self.received == sig else 0.0 for sig in (signal.SIGTERM, signal.SIGUSR1)])
+        flags = all_reduce_sum(flags)
+        if flags.sum().item() == 0:
+            return False
+        self.seen = signal.SIGTERM if flags[0].item() > 0 else signal.SIGUSR1
+        return True
+
+    def describe(self) -> str:
+        import signal
+
+        return signal.Signals(self.seen or self.received).name

@@ -11,6 +11,11 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75  # stopped on SIGTERM/SIGUSR1 after saving a checkpoint: run the same command again to resume
+
+
+class Preempted(Exception):
+    """Raised on every rank after the checkpoint that a SIGTERM / SIGUSR1 asked for has been saved."""
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
@@ -27,6 +32,12 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         print(f"{prefix}error: {err}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(EXIT_USER_ERROR)
+    except Preempted as stop:
+        from rlhf_ds import dist
+
+        if dist.is_main():
+            print(f"stopped: {stop}; run the same command again to resume", file=sys.stderr, flush=True)
+        dist.shutdown(EXIT_PREEMPTED)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         os._exit(130)

@@ -21,7 +21,17 @@ from rlhf_ds.args import DEFAULT_DATASET_DIR, REPO_ROOT
 from rlhf_ds.data.registry import resolve
 from rlhf_ds.errors import UserError
 
-DEFAULT_RECIPE_MODEL = "smollm2-135m-instruct"
+DEFAULT_RECIPE_MODEL = "qwen2.5-coder-0.5b-instruct"
+
+# Sizes that finish the recipe in about 20 minutes on a 2-core CPU machine (measured; see README), per model.
+# Qwen2.5-Coder-0.5B reads Chinese and its answers can be judged by eye, but each step costs 2.5-3x SmolLM2's.
+PROFILES: dict[str, dict[str, float]] = {
+    "qwen2.5-coder-0.5b-instruct": dict(sft_examples=96, sft_eval=16, rm_pairs=100, rm_eval=20, ppo_steps=8,
+                                        ppo_eval_prompts=8),
+    "smollm2-135m-instruct": dict(sft_examples=256, sft_eval=32, rm_pairs=300, rm_eval=60, ppo_steps=16,
+                                  ppo_eval_prompts=16),
+}
+DEFAULT_PROFILE = PROFILES[DEFAULT_RECIPE_MODEL]
 
 
 @dataclass
@@ -34,23 +44,31 @@ class RecipeArguments:
     overwrite: bool = field(default=False, metadata={"help": "Redo stages that finished earlier."})
     sft_dataset: str = "alpaca_gpt4_zh"
     rm_dataset: str = "comparison_gpt4_zh"
-    sft_examples: int = field(default=256, metadata={"help": "Instruction records for SFT (the rest are PPO's)."})
-    sft_eval: int = field(default=32, metadata={"help": "Of those, held out for perplexity."})
+    sft_examples: int | None = field(default=None, metadata={"help": "Instruction records for SFT (the rest are "
+                                                                     "PPO's); default from the model's profile."})
+    sft_eval: int | None = field(default=None, metadata={"help": "Of those, held out for perplexity."})
     sft_epochs: float = 1.0
     sft_learning_rate: float = 2e-4
-    rm_pairs: int = field(default=400, metadata={"help": "Comparison records for the reward model."})
-    rm_eval: int = field(default=80, metadata={"help": "Of those, held out for accuracy."})
+    rm_pairs: int | None = field(default=None, metadata={"help": "Comparison records for the reward model."})
+    rm_eval: int | None = field(default=None, metadata={"help": "Of those, held out for accuracy."})
     rm_learning_rate: float = 2e-4
-    ppo_steps: int = 24
-    ppo_eval_prompts: int = 16
-    ppo_learning_rate: float = 5e-5
+    ppo_steps: int | None = None
+    ppo_eval_prompts: int | None = None
+    ppo_learning_rate: float = 2e-4
+    ppo_epochs: int = 2
     max_length: int = field(default=256, metadata={"help": "SFT and RM sequence length."})
     max_prompt_length: int = 128
-    max_new_tokens: int = 64
+    max_new_tokens: int = 48
     seed: int = 42
     sft_args: str = field(default="", metadata={"help": "Extra flags for train_sft.py (quoted)."})
     rm_args: str = field(default="", metadata={"help": "Extra flags for train_rm.py (quoted)."})
     ppo_args: str = field(default="", metadata={"help": "Extra flags for train_ppo.py (quoted)."})
+
+    def __post_init__(self) -> None:
+        profile = PROFILES.get(self.model, DEFAULT_PROFILE)
+        for name, value in profile.items():
+            if getattr(self, name) is None:
+                setattr(self, name, int(value))
 
 
 def split_instruction_data(args: RecipeArguments, out: Path) -> tuple[Path, Path]:
@@ -85,13 +103,13 @@ def stage_commands(args: RecipeArguments, out: Path, sft_file: Path, ppo_file: P
                "--output_dir", str(out / "rm"), "--do_eval", "--val_size", str(args.rm_eval),
                "--num_train_epochs", "1", "--learning_rate", str(args.rm_learning_rate),
                "--max_length", str(args.max_length), "--warmup_ratio", "0.05", *shlex.split(args.rm_args)],
-        "ppo": ["train_ppo.py", *common[:-4], "--dataset", str(ppo_file), "--checkpoint_dir", str(out / "sft"),
+        "ppo": ["train_ppo.py", *common, "--dataset", str(ppo_file), "--checkpoint_dir", str(out / "sft"),
                 "--reward_model", str(out / "rm"), "--output_dir", str(out / "ppo"), "--do_eval",
                 "--val_size", str(args.ppo_eval_prompts), "--eval_steps", str(args.ppo_steps),
                 "--max_steps", str(args.ppo_steps), "--learning_rate", str(args.ppo_learning_rate),
-                "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
-                "--max_prompt_length", str(args.max_prompt_length), "--max_new_tokens", str(args.max_new_tokens),
-                "--num_samples_to_log", "4", "--missing_eos_penalty", "1.0", *shlex.split(args.ppo_args)],
+                "--ppo_epochs", str(args.ppo_epochs), "--max_prompt_length", str(args.max_prompt_length),
+                "--max_new_tokens", str(args.max_new_tokens), "--num_samples_to_log", "4",
+                *shlex.split(args.ppo_args)],
     }
 
 

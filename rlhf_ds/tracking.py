@@ -44,7 +44,8 @@ def _clean(value: Any) -> Any:
 class Tracker:
     """Writes one JSON line per log call to OUTPUT/metrics.jsonl (rank 0) and, if asked, TensorBoard scalars."""
 
-    def __init__(self, output_dir: str | Path, report_to: str = "none", logging_dir: str | None = None):
+    def __init__(self, output_dir: str | Path, report_to: str = "none", logging_dir: str | None = None,
+                 purge_step: int | None = None):
         self.enabled = dist.is_main()
         self.path = Path(output_dir) / METRICS_FILE
         self.writer = None
@@ -54,7 +55,8 @@ class Tracker:
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=logging_dir or str(Path(output_dir) / "runs"))
+            # purge_step: a resumed run drops the events an interrupted one logged after its checkpoint
+            self.writer = SummaryWriter(log_dir=logging_dir or str(Path(output_dir) / "runs"), purge_step=purge_step)
 
     def log(self, metrics: dict[str, Any], step: int, kind: str = "train") -> None:
         if not self.enabled:

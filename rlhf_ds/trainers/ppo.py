@@ -10,11 +10,12 @@ The math lives in rlhf_ds/algo/ppo.py; this file only moves tensors between engi
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,31 @@ from rlhf_ds import dist
 from rlhf_ds.algo import ppo as algo
 from rlhf_ds.algo.losses import sft_loss
 from rlhf_ds.algo.sequence import gather_last, pad_sequences, position_ids_from_mask
-from rlhf_ds.args import (DataArguments, FinetuningArguments, ModelArguments, PPOArguments, RuntimeArguments,
-                          TrainingArguments, parse_args, to_dict)
-from rlhf_ds.checkpoint import (check_output_dir, export_merged_lora, gather_state_dict, is_adapter_dir,
-                                publish_dir, publish_files, save_causal_lm)
+from rlhf_ds.args import (
+    DataArguments,
+    FinetuningArguments,
+    ModelArguments,
+    PPOArguments,
+    RuntimeArguments,
+    TrainingArguments,
+    parse_args,
+    to_dict,
+)
+from rlhf_ds.checkpoint import (
+    RUN_LOGS,
+    check_output_dir,
+    convert_to_universal,
+    die_if_asked,
+    export_merged_lora,
+    gather_state_dict,
+    is_adapter_dir,
+    load_resumable,
+    plan_resume,
+    publish_files,
+    save_causal_lm,
+    save_resumable,
+    truncate_jsonl,
+)
 from rlhf_ds.data.collate import SFTCollator, even_shards, train_sampler
 from rlhf_ds.data.loading import DataReport, load_examples, split_eval, tokenize_prompts
 from rlhf_ds.data.template import resolve_template
@@ -37,14 +59,28 @@ from rlhf_ds.engines.ds_config import EngineSettings, dtype_of, engine_config, r
 from rlhf_ds.engines.factory import create_inference_engine, create_train_engine
 from rlhf_ds.engines.generation import SamplingSettings, build_generator
 from rlhf_ds.engines.hybrid import deepspeed_hybrid_problem
-from rlhf_ds.errors import UserError
+from rlhf_ds.errors import Preempted, UserError
 from rlhf_ds.models.finetuning import apply_finetuning, count_parameters
-from rlhf_ds.models.heads import HEAD_META, ScalarHeadModel, is_lora, load_scalar_model, read_head_meta, \
-    save_scalar_model
-from rlhf_ds.models.loading import (context_length, disable_dropout, eos_token_ids, load_backbone, load_causal_lm,
-                                    load_tokenizer, resolve_model_path)
+from rlhf_ds.models.heads import (
+    HEAD_META,
+    ScalarHeadModel,
+    is_lora,
+    load_scalar_model,
+    read_head_meta,
+    save_scalar_model,
+)
+from rlhf_ds.models.loading import (
+    context_length,
+    disable_dropout,
+    eos_token_ids,
+    load_backbone,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_path,
+)
 from rlhf_ds.rewards import call_reward_fn, load_reward_fn
 from rlhf_ds.tracking import Tracker, format_metrics, progress, setup_logging
+from rlhf_ds.trainers.base import LoopState
 
 logger = logging.getLogger("rlhf_ds.ppo")
 
@@ -120,7 +156,11 @@ class PPOTrainer:
 
         set_seed(args.seed)
         self._check_flags()
-        self.out = check_output_dir(args.output_dir, args.overwrite_output_dir, FINISHED_MARKER)
+        self.resume_from, self.universal = plan_resume(Path(args.output_dir), args.resume, args.overwrite_output_dir,
+                                                       FINISHED_MARKER, self.resume_config(),
+                                                       args.universal_checkpoint)
+        self.out = check_output_dir(args.output_dir, args.overwrite_output_dir, FINISHED_MARKER,
+                                    keep=self.resume_from is not None)
         if dist.is_main():
             (self.out / "training_args.json").write_text(json.dumps(
                 to_dict(self.model_args, self.data_args, self.ft_args, args, rt, ppo), indent=2, ensure_ascii=False))
@@ -141,10 +181,44 @@ class PPOTrainer:
         self.sampling = SamplingSettings(max_new_tokens=ppo.max_new_tokens, eos_token_ids=self.eos_ids,
                                          pad_token_id=self.tokenizer.pad_token_id, temperature=ppo.temperature,
                                          top_p=ppo.top_p, top_k=ppo.top_k)
-        self.tracker = Tracker(self.out, args.report_to, args.logging_dir)
         self.ema = gather_state_dict(self.actor, trainable_only=True) if ppo.enable_ema else None
         if self.ema is not None:
             self.ema = {k: v.float().clone() for k, v in self.ema.items()}
+        self.loop = LoopState()
+        if self.resume_from is not None:
+            self._resume()
+        self.tracker = Tracker(self.out, args.report_to, args.logging_dir, purge_step=self.loop.step + 1)
+        self.stop = dist.StopSignal()
+
+    def resume_config(self) -> dict[str, Any]:
+        """What a checkpoint must have been written with to continue it (see checkpoint.plan_resume)."""
+        a, d, f, p = self.args, self.data_args, self.ft_args, self.ppo
+        stages = self._role_stages()
+        return {"stage": "ppo", "model": self.model_args.model_name_or_path, "template": self.model_args.template,
+                "finetuning_type": f.finetuning_type, "lora_rank": f.lora_rank, "lora_target": f.lora_target,
+                "checkpoint_dir": p.checkpoint_dir, "reward_model": p.reward_model, "reward_fn": p.reward_fn,
+                "dataset": d.dataset, "eval_dataset": d.eval_dataset, "val_size": d.val_size,
+                "max_samples": d.max_samples, "seed": a.seed, "precision": resolve_precision(self.rt.bf16, self.rt.fp16),
+                "per_device_train_batch_size": a.per_device_train_batch_size,
+                "gradient_accumulation_steps": a.gradient_accumulation_steps, "ppo_epochs": p.ppo_epochs,
+                "max_prompt_length": p.max_prompt_length, "max_new_tokens": p.max_new_tokens,
+                "world_size": dist.world_size(), "actor_zero_stage": stages["actor"],
+                "critic_zero_stage": stages["critic"]}
+
+    def _resume(self) -> None:
+        state = load_resumable(self.resume_from, {"actor": self.actor, "critic": self.critic}, self.universal)
+        self.loop = LoopState(**state["loop"])
+        if self.universal:  # the same number of prompts seen, in the new layout's order
+            self.loop.position = self.loop.position * state["prompts_per_step"] // (
+                self.rollout_size * dist.world_size())
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.reward_stats = algo.RunningMoments(**state["reward_stats"])
+        if self.ema is not None and dist.is_main():
+            self.ema = torch.load(self.resume_from / "ema.pt", weights_only=True)
+        if dist.is_main():
+            for name in RUN_LOGS:
+                truncate_jsonl(self.out / name, self.loop.step)
+        logger.info("resuming from %s: step %d of %d", self.resume_from, self.loop.step, self.total_steps)
 
     def _check_flags(self) -> None:
         args, ppo = self.args, self.ppo
@@ -232,7 +306,8 @@ class PPOTrainer:
         columns = self.train_set.select_columns(["prompt_ids", "prompt_text", "input_ids", "prompt_len"])
         self.sampler = train_sampler(self.train_set, self.rollout_size, dist.rank(), world, args.seed, False)
         self.loader = DataLoader(columns, batch_size=self.rollout_size, sampler=self.sampler, drop_last=True,
-                                 collate_fn=lambda rows: rows)
+                                 collate_fn=lambda rows: rows,  # own generator: see trainers/base.py
+                                 generator=torch.Generator().manual_seed(args.seed))
         per_epoch = len(self.loader)
         self.total_steps = args.max_steps if args.max_steps > 0 else int(args.num_train_epochs * per_epoch)
         if per_epoch == 0 or self.total_steps < 1:
@@ -290,6 +365,10 @@ class PPOTrainer:
         }
         schedule = dict(scheduler_type=args.lr_scheduler_type, warmup_steps=self.warmup_steps,
                         total_steps=self.optimizer_steps)
+        if self.universal:
+            for role in ("actor", "critic"):
+                cfg[role]["checkpoint"] = {"load_universal": True}
+            convert_to_universal(self.resume_from, ["actor", "critic"])
         actor = self._load_policy(cfg["actor"], trainable=True)
         if ppo.hybrid_engine == "deepspeed":
             problem = deepspeed_hybrid_problem(actor)
@@ -324,10 +403,11 @@ class PPOTrainer:
         from peft import PeftModel
 
         ckpt = self.ppo.checkpoint_dir
-        stage3 = ds_config["zero_optimization"]["stage"] == 3
         lora = self.ft_args.finetuning_type == "lora"
         if ckpt and is_adapter_dir(ckpt):
-            keep_adapter = (trainable and lora) or (not trainable and stage3)
+            # The reference keeps the adapter unmerged too: merged into bf16 weights it would compute slightly
+            # different log-probs from the actor's, a KL that is not zero before the first update.
+            keep_adapter = (trainable and lora) or not trainable
             model = load_causal_lm(self.base_path, self.dtype, ds_config if keep_adapter else None)
             model = PeftModel.from_pretrained(model, ckpt, is_trainable=trainable and lora)
             if not keep_adapter:
@@ -378,8 +458,9 @@ class PPOTrainer:
                             dtype=torch.float32, device=sequences.device)
 
     def _decode(self, response: torch.Tensor, mask: torch.Tensor) -> list[str]:
-        return self.tokenizer.batch_decode([r[m.bool()].tolist() for r, m in zip(response, mask)],
-                                           skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode([r[m.bool()].tolist() for r, m in zip(response, mask)],
+                                            skip_special_tokens=True)
+        return [t.rstrip("\ufffd") for t in texts]  # a response cut mid-character ends in a partial byte sequence
 
     # -------------------------------------------------------------------------------------------- rollout
     def _chunks(self, n: int, size: int) -> list[slice]:
@@ -517,19 +598,19 @@ class PPOTrainer:
 
     # ---------------------------------------------------------------------------------------- the loop
     def train(self) -> None:
-        args, ppo = self.args, self.ppo
-        step = 0
-        bar = progress(self.total_steps, "PPO", disable=self.rt.disable_tqdm)
+        args, ppo, loop = self.args, self.ppo, self.loop
+        bar = progress(self.total_steps, "PPO", disable=self.rt.disable_tqdm, initial=loop.step)
         t_start = time.time()
-        if self.eval_set is not None:
+        if self.eval_set is not None and loop.step == 0:
             self.evaluate(0)
-        epoch = 0
-        while step < self.total_steps:
-            self.sampler.set_epoch(epoch)
-            for rows in self.loader:
-                if step >= self.total_steps:
+        while loop.step < self.total_steps:
+            self.sampler.set_epoch(loop.epoch)
+            for rows in itertools.islice(self.loader, loop.position, None):  # a resumed epoch skips what was done
+                if loop.step >= self.total_steps:
                     break
-                step += 1
+                loop.step += 1
+                loop.position += 1
+                step = loop.step
                 t0 = time.time()
                 rollout, stats = self.make_experience(rows)
                 t1 = time.time()
@@ -537,19 +618,27 @@ class PPOTrainer:
                 t_train = time.time() - t1
                 self.kl_ctl.update(dist.all_reduce_mean(torch.tensor([stats["kl"]]))[0].item(),
                                    self.rollout_size * dist.world_size())
-                self._log_step(step, epoch, stats, train_stats, t_train, time.time() - t0, bar)
+                self._log_step(step, loop.epoch, stats, train_stats, t_train, time.time() - t0, bar)
                 if step % args.logging_steps == 0 or step == 1:
                     self._log_samples(step)
                 if self.eval_set is not None and step % ppo.eval_steps == 0 and step < self.total_steps:
                     self.evaluate(step)
-                if args.save_steps and step % args.save_steps == 0 and step < self.total_steps:
+                stop = self.stop.requested()
+                if stop or (args.save_steps and step % args.save_steps == 0 and step < self.total_steps):
+                    loop.runtime += time.time() - t_start
+                    t_start = time.time()
                     self.save_checkpoint(step)
-            epoch += 1
+                die_if_asked("step", step)
+                if stop:
+                    bar.close()
+                    raise Preempted(f"{self.stop.describe()} received: checkpoint saved at step {step} in {self.out}")
+            if loop.step < self.total_steps or loop.position >= self.steps_per_epoch:
+                loop.epoch += 1
+                loop.position = 0
         bar.close()
-        self.train_runtime = time.time() - t_start
-        self.final_step = step
+        loop.runtime += time.time() - t_start
         if self.eval_set is not None:
-            self.evaluate(step)
+            self.evaluate(loop.step)
 
     def _log_step(self, step: int, epoch: int, stats: dict, train_stats: dict, t_train: float, t_total: float,
                   bar) -> None:
@@ -676,24 +765,32 @@ class PPOTrainer:
         return actor_state, critic_state
 
     def save_checkpoint(self, step: int) -> None:
-        actor_state, critic_state = self._gather_all()
-        if dist.is_main():
-            publish_dir(lambda tmp: self._write_models(tmp, actor_state, critic_state, self.ema),
-                        self.out / f"checkpoint-{step}")
-            logger.info("saved %s", self.out / f"checkpoint-{step}")
-        dist.barrier()
+        """A resumable checkpoint OUT/checkpoints/step-N: both training engines' DeepSpeed state, the loop, the
+        KL controller, the reward statistics, the EMA and the RNG, with the models as plain folders beside."""
+        def write_models(folder: Path) -> None:
+            actor_state, critic_state = self._gather_all()
+            if dist.is_main():
+                self._write_models(folder, actor_state, critic_state, self.ema)
+                if self.ema is not None:
+                    torch.save(self.ema, folder / "ema.pt")
+
+        state = {"loop": asdict(self.loop), "config": self.resume_config(), "kl_controller": self.kl_ctl.state_dict(),
+                 "reward_stats": asdict(self.reward_stats), "prompts_per_step": self.rollout_size * dist.world_size(),
+                 "total_steps": self.total_steps}
+        save_resumable(self.out, step, {"actor": self.actor, "critic": self.critic}, state, write_models,
+                       self.args.save_total_limit)
 
     def save(self) -> None:
         actor_state, critic_state = self._gather_all()
         if dist.is_main():
-            results = {"train_runtime": self.train_runtime, "train_steps": self.final_step}
+            results = {"train_runtime": self.loop.runtime, "train_steps": self.loop.step}
 
             def write(tmp: Path) -> None:
                 self._write_models(tmp, actor_state, critic_state, self.ema)
                 (tmp / FINISHED_MARKER).write_text(json.dumps(results, indent=2))
 
             publish_files(write, self.out, marker=FINISHED_MARKER)
-            logger.info("PPO done in %.1f s; actor, critic saved to %s", self.train_runtime, self.out)
+            logger.info("PPO done in %.1f s; actor, critic saved to %s", self.loop.runtime, self.out)
         dist.barrier()
 
     def cleanup(self) -> None:

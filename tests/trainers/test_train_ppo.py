@@ -100,7 +100,7 @@ def test_two_processes_zero3_actor_and_reference_zero2_critic_offloaded_frozen_m
     evals = read_jsonl(out / "eval_results.jsonl")
     assert [e["step"] for e in evals] == [0, 2, 3] and all(e["eval_samples"] == 6 for e in evals)
     assert 0 <= evals[-1]["eval_win_rate"] <= 1
-    for folder in (out, out / "checkpoint-2"):
+    for folder in (out, out / "checkpoints" / "step-2"):
         for name in ("actor", "actor_merged", "actor_ema", "actor_ema_merged", "critic"):
             assert (folder / name).is_dir(), folder / name
     assert json.loads((out / "train_results.json").read_text())["train_steps"] == 3

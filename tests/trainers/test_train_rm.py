@@ -43,7 +43,7 @@ def test_two_process_zero3_lora_offload_then_eval_rm_gives_the_same_scores(tiny_
         "--learning_rate", "1e-3", "--max_length", "128", "--deepspeed", str(cfg), "--disable_tqdm",
         nproc=2, launcher="deepspeed"))
     assert "ZeRO-3" in proc.stdout and "2 rank(s)" in proc.stdout
-    assert (out / "adapter_model.safetensors").exists() and (out / "checkpoint-2" / "value_head.json").exists()
+    assert (out / "adapter_model.safetensors").exists() and (out / "checkpoints" / "step-2" / "model" / "value_head.json").exists()
     train_rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
 
