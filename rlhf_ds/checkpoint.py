@@ -248,8 +248,9 @@ def save_resumable(out: Path, step: int, engines: dict, state: dict, write_model
         (tmp / "rng").mkdir(parents=True)
     dist.barrier()
     for name, engine in engines.items():
-        engine.save_checkpoint(str(tmp / name), tag=ENGINE_TAG, save_latest=False,
-                               exclude_frozen_parameters=_is_peft(engine.module))
+        # frozen weights (a LoRA base, a frozen backbone) are reloaded from the model itself: do not copy them
+        frozen = any(not p.requires_grad for p in engine.module.parameters())
+        engine.save_checkpoint(str(tmp / name), tag=ENGINE_TAG, save_latest=False, exclude_frozen_parameters=frozen)
     rng = capture_rng()
     torch.save(rng, tmp / "rng" / f"rank_{dist.rank()}.pt")
     write_models(tmp)  # collective: gathers the weights; rank 0 writes the folders
@@ -293,12 +294,6 @@ def load_resumable(step_dir: Path, engines: dict, universal: bool = False) -> di
     if rng.is_file() and not universal:  # after a change of layout the ranks start their own streams
         restore_rng(torch.load(rng, weights_only=False))
     return json.loads((step_dir / STATE_FILE).read_text())
-
-
-def _is_peft(module) -> bool:
-    from peft import PeftModel
-
-    return isinstance(module, PeftModel)
 
 
 def truncate_jsonl(path: Path, step: int) -> None:

@@ -11,6 +11,7 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
+EXIT_LOST_RANK = 3  # another rank died or hung: the message names it
 EXIT_PREEMPTED = 75  # stopped on SIGTERM/SIGUSR1 after saving a checkpoint: run the same command again to resume
 
 
@@ -41,6 +42,40 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         os._exit(130)
+    except Exception as err:
+        _exit_if_a_rank_is_lost(err)
+        raise
     from rlhf_ds import dist
 
     dist.shutdown(rc)
+
+
+def _exit_if_a_rank_is_lost(err: Exception) -> None:
+    """A failed or timed-out collective usually means another rank died or hangs: say which, and leave at once
+    instead of printing a traceback from deep inside torch.distributed (and instead of hanging)."""
+    from rlhf_ds import dist
+
+    if dist.world_size() == 1 or not _looks_distributed(err):
+        return
+    lost = dist.lost_ranks()
+    me = f"rank {dist.rank()}"
+    if lost is None:
+        msg = (f"{me}: lost contact with the rendezvous store (held by rank 0 or the first node's launcher): that "
+               f"process is gone")
+    elif lost:
+        msg = f"{me}: lost {', '.join(lost)}: it stopped responding (died, killed, or hung)"
+    else:
+        return
+    print(f"error: {msg}. This rank stops now ({type(err).__name__}: {str(err).splitlines()[0][:200]}). See that "
+          f"rank's own log for why; a run with checkpoints continues with the same command.", file=sys.stderr,
+          flush=True)
+    os._exit(EXIT_LOST_RANK)
+
+
+def _looks_distributed(err: Exception) -> bool:
+    import torch.distributed as tdist
+
+    text = f"{type(err).__name__} {err}"
+    return isinstance(err, tdist.DistError) or any(
+        word in text for word in ("gloo", "Gloo", "NCCL", "Connection closed by peer", "Connection reset",
+                                  "Timed out", "timed out", "c10d"))

@@ -738,8 +738,9 @@ class PPOTrainer:
         return result
 
     # ------------------------------------------------------------------------------------------------ save
-    def _write_models(self, dest: Path, actor_state, critic_state, ema_state) -> None:
-        """Rank 0: actor (adapter or full), actor_merged (LoRA), actor_ema, critic into dest."""
+    def _write_models(self, dest: Path, actor_state, critic_state, ema_state, merged: bool = True) -> None:
+        """Rank 0: actor (adapter or full), actor_merged (LoRA; not in checkpoints, where export.py makes it from
+        actor/ when asked: it is a whole model, about 1 GB for the default one), actor_ema, critic into dest."""
         from peft import PeftModel
 
         actor = self.actor.module
@@ -749,7 +750,7 @@ class PPOTrainer:
                 continue
             state = {k: v.to(self.dtype) for k, v in state.items()}
             save_causal_lm(actor, state, dest / name, self.tokenizer)
-            if isinstance(actor, PeftModel):
+            if merged and isinstance(actor, PeftModel):
                 export_merged_lora(self.base_path if self.ppo.checkpoint_dir is None or
                                    is_adapter_dir(self.ppo.checkpoint_dir) else self.policy_source,
                                    actor.peft_config["default"], state, dest / f"{name}_merged", self.tokenizer,
@@ -770,7 +771,7 @@ class PPOTrainer:
         def write_models(folder: Path) -> None:
             actor_state, critic_state = self._gather_all()
             if dist.is_main():
-                self._write_models(folder, actor_state, critic_state, self.ema)
+                self._write_models(folder, actor_state, critic_state, self.ema, merged=False)
                 if self.ema is not None:
                     torch.save(self.ema, folder / "ema.pt")
 
