@@ -45,26 +45,20 @@ def snapshot(engine) -> list[torch.Tensor]:
     return [(p.ds_tensor if hasattr(p, "ds_tensor") else p.data).detach().clone() for p in engine.module.parameters()]
 
 
-def train_step(engine, batch) -> tuple[float, list[torch.Tensor]]:
+def train_step(engine, inputs: dict) -> tuple[float, list[torch.Tensor]]:
     from deepspeed.utils import safe_get_full_grad
 
-    out = engine(input_ids=batch, attention_mask=torch.ones_like(batch), labels=batch)
+    out = engine(**inputs)
     engine.backward(out.loss)
     grads = [safe_get_full_grad(p).clone() for p in engine.module.parameters() if p.requires_grad]
     engine.step()
     return out.loss.item(), grads
 
 
-def check(model_dir: str, stage: int, finetuning: str, gather_layers: int = 0) -> dict:
-    rank = dist.rank()
-    g = torch.Generator().manual_seed(100 + rank)  # each rank its own prompts
-    prompts = torch.randint(10, 1900, (2, 6), generator=g)
-    mask = torch.ones_like(prompts)
-    mask[1, :2] = 0  # a left-padded row
-    prompts[1, :2] = 0
-    # ranks stop at different lengths: without collectives during decoding, nobody waits for anybody
-    settings = SamplingSettings(max_new_tokens=5 + 4 * rank, eos_token_ids=[2], pad_token_id=0, do_sample=False)
-
+def round_trip(model_dir: str, stage: int, finetuning: str, gather_layers: int, prompts, mask,
+               settings: SamplingSettings, train_inputs: dict) -> dict:
+    """Generate with the hybrid engine and with plain `generate` on the same weights outside DeepSpeed, then take a
+    training step and compare it with an engine that never switched. Returns every rank's findings."""
     model = build(model_dir, finetuning)
     plain = copy.deepcopy(model).eval()  # the same weights, outside DeepSpeed
     engine = engine_for(model, stage)
@@ -80,15 +74,28 @@ def check(model_dir: str, stage: int, finetuning: str, gather_layers: int = 0) -
     hooks_after = (len(zero_offload(engine).forward_hooks), len(zero_offload(engine).backward_hooks)) \
         if stage == 3 else None
 
-    batch = torch.randint(10, 1900, (2, 8), generator=torch.Generator().manual_seed(7 + rank))
-    loss_switched, grads_switched = train_step(engine, batch)
+    loss_switched, grads_switched = train_step(engine, train_inputs)
     never = engine_for(build(model_dir, finetuning), stage)
-    loss_never, grads_never = train_step(never, batch)
+    loss_never, grads_never = train_step(never, train_inputs)
     grad_diff = max((a - b).abs().max().item() for a, b in zip(grads_switched, grads_never))
     result = {"same_tokens": bool(torch.equal(ours, ref)), "new_tokens": ours.shape[1],
               "weight_diff": weight_diff, "hooks_kept": hooks == hooks_after,
               "loss_diff": abs(loss_switched - loss_never), "grad_diff": grad_diff}
     return {k: v for k, v in zip(range(dist.world_size()), dist.all_gather_object(result))}
+
+
+def check(model_dir: str, stage: int, finetuning: str, gather_layers: int = 0) -> dict:
+    rank = dist.rank()
+    g = torch.Generator().manual_seed(100 + rank)  # each rank its own prompts
+    prompts = torch.randint(10, 1900, (2, 6), generator=g)
+    mask = torch.ones_like(prompts)
+    mask[1, :2] = 0  # a left-padded row
+    prompts[1, :2] = 0
+    # ranks stop at different lengths: without collectives during decoding, nobody waits for anybody
+    settings = SamplingSettings(max_new_tokens=5 + 4 * rank, eos_token_ids=[2], pad_token_id=0, do_sample=False)
+    batch = torch.randint(10, 1900, (2, 8), generator=torch.Generator().manual_seed(7 + rank))
+    train_inputs = {"input_ids": batch, "attention_mask": torch.ones_like(batch), "labels": batch}
+    return round_trip(model_dir, stage, finetuning, gather_layers, prompts, mask, settings, train_inputs)
 
 
 def main() -> None:
