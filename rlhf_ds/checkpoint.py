@@ -50,9 +50,8 @@ def check_output_dir(output_dir: str | Path, overwrite: bool, finished_marker: s
         raise UserError("--output_dir is required")
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} exists and is not a folder")
-    if not keep and not overwrite and (out / finished_marker).exists():
-        raise UserError(f"{out} already holds a finished run ({finished_marker}); pass --overwrite_output_dir to "
-                        f"replace it, or choose another --output_dir")
+    if not keep and not overwrite:
+        refuse_finished(out, finished_marker)
     if dist.is_main():
         if overwrite and out.exists():
             for child in out.iterdir():
@@ -63,6 +62,12 @@ def check_output_dir(output_dir: str | Path, overwrite: bool, finished_marker: s
                 (out / name).unlink(missing_ok=True)
     dist.barrier()
     return out
+
+
+def refuse_finished(out: Path, finished_marker: str) -> None:
+    if (out / finished_marker).exists():
+        raise UserError(f"{out} already holds a finished run ({finished_marker}); pass --overwrite_output_dir to "
+                        f"replace it, or choose another --output_dir")
 
 
 def publish_files(write: Callable[[Path], None], dest: Path, marker: str) -> None:
@@ -296,13 +301,15 @@ def load_resumable(step_dir: Path, engines: dict, universal: bool = False) -> di
     return json.loads((step_dir / STATE_FILE).read_text())
 
 
-def truncate_jsonl(path: Path, step: int) -> None:
-    """Drop the lines logged after `step` (a resumed run logs them again)."""
-    if not path.is_file():
+def truncate_run_logs(out: Path, step: int) -> None:
+    """Rank 0: drop the lines of OUT's run logs logged after `step` (a resumed run logs them again)."""
+    if not dist.is_main():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    for path in (out / name for name in RUN_LOGS):
+        if path.is_file():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 # Settings that may change between a run and its resumption (they do not change what was trained so far).
@@ -323,9 +330,7 @@ def plan_resume(out: Path, resume: str, overwrite: bool, finished_marker: str, c
             raise UserError(f"--resume {resume}: no complete checkpoint there (a folder with {STATE_FILE}, or an "
                             f"--output_dir / checkpoints folder whose '{LATEST}' points to one)")
     else:
-        if (out / finished_marker).exists():
-            raise UserError(f"{out} already holds a finished run ({finished_marker}); pass --overwrite_output_dir "
-                            f"to replace it, or choose another --output_dir")
+        refuse_finished(out, finished_marker)
         ckpt = latest_checkpoint(out)
         if ckpt is None:
             return None, False

@@ -5,6 +5,7 @@ import contextlib
 import datetime
 import gc
 import os
+import signal
 import socket
 import sys
 from typing import Any, Iterator
@@ -229,8 +230,6 @@ class StopSignal:
     same step, save together and stop together."""
 
     def __init__(self) -> None:
-        import signal
-
         self.received: int | None = None  # the signal this rank got
         self.seen: int | None = None  # the signal some rank got, once requested() has agreed on it
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -240,8 +239,6 @@ class StopSignal:
         self.received = signum
 
     def requested(self) -> bool:
-        import signal
-
         # one slot per signal, summed over ranks: every rank learns that a stop was asked for, and which signal
         flags = torch.tensor([1.0 if self.received == sig else 0.0 for sig in (signal.SIGTERM, signal.SIGUSR1)])
         flags = all_reduce_sum(flags)
@@ -251,6 +248,4 @@ class StopSignal:
         return True
 
     def describe(self) -> str:
-        import signal
-
         return signal.Signals(self.seen or self.received).name

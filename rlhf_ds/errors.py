@@ -75,7 +75,6 @@ def _exit_if_a_rank_is_lost(err: Exception) -> None:
 def _looks_distributed(err: Exception) -> bool:
     import torch.distributed as tdist
 
-    text = f"{type(err).__name__} {err}"
+    text = f"{type(err).__name__} {err}".lower()
     return isinstance(err, tdist.DistError) or any(
-        word in text for word in ("gloo", "Gloo", "NCCL", "Connection closed by peer", "Connection reset",
-                                  "Timed out", "timed out", "c10d"))
+        word in text for word in ("gloo", "nccl", "c10d", "connection closed by peer", "connection reset", "timed out"))

@@ -154,9 +154,7 @@ def run_over_ssh(hosts: list[str], args, token: str) -> dict[str, dict]:
     return results
 
 
-def run_over_srun(args, token: str) -> dict[str, dict]:
-    nodes = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]], capture_output=True,
-                           text=True, check=True).stdout.split()
+def run_over_srun(nodes: list[str], args, token: str) -> dict[str, dict]:
     cmd = ["srun", "--nodes", str(len(nodes)), "--ntasks-per-node", "1", "--overlap", "--kill-on-bad-exit=0",
            sys.executable, "-c", PROBE, *_probe_args(args, token)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout + 120)
@@ -258,20 +256,21 @@ def main(argv: list[str] | None = None) -> int:
     else:
         hosts = parse_hostfile(Path(args.hostfile))
     args.master_addr = args.master_addr or hosts[0][0]
-    listener = _listen(args.master_port) if _is_local(args.master_addr) else None
-    if _is_local(args.master_addr) and listener is None:
+    master_here = _is_local(args.master_addr)
+    listener = _listen(args.master_port) if master_here else None
+    if master_here and listener is None:
         raise UserError(f"master port {args.master_port} on {args.master_addr} (this host) is already in use. "
                         f"Fix: pick a free --master_port (and pass the same one to the launcher), or stop what "
                         f"holds it")
     token = uuid.uuid4().hex[:8]
     local = {"python": sys.version.split()[0]}
-    local_run = subprocess.run([sys.executable, "-c", PROBE, *_probe_args(args, token)], capture_output=True,
-                               text=True)
+    # this host's versions and accelerator, to compare the others with (no output-dir marker from here)
+    local_run = subprocess.run([sys.executable, "-c", PROBE, args.master_addr, str(args.master_port), "", token],
+                               capture_output=True, text=True)
     local.update(_parse(local_run.stdout, local_run.stderr, local_run.returncode))
-    for marker in Path(args.output_dir).glob(f".preflight-{token}-*") if args.output_dir else []:
-        marker.unlink(missing_ok=True)
     try:
-        results = run_over_srun(args, token) if args.slurm else run_over_ssh([h for h, _ in hosts], args, token)
+        names = [h for h, _ in hosts]
+        results = run_over_srun(names, args, token) if args.slurm else run_over_ssh(names, args, token)
     finally:
         if listener is not None:
             listener.close()

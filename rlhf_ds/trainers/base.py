@@ -22,7 +22,7 @@ from rlhf_ds import dist
 from rlhf_ds.args import (DEFAULT_MAX_LENGTH, DataArguments, FinetuningArguments, ModelArguments, RuntimeArguments,
                           TrainingArguments, to_dict)
 from rlhf_ds.checkpoint import (check_output_dir, convert_to_universal, die_if_asked, load_resumable, plan_resume,
-                                publish_files, save_resumable, truncate_jsonl)
+                                publish_files, save_resumable, truncate_run_logs)
 from rlhf_ds.data.collate import train_sampler
 from rlhf_ds.data.loading import DataReport, load_examples, split_eval
 from rlhf_ds.data.template import resolve_template
@@ -162,8 +162,7 @@ class StageTrainer:
         if self.universal:  # the same number of examples seen, in the new layout's order
             seen = state["loop"]["position"] * state["rows_per_micro"]
             self.loop.position = seen // (self.args.per_device_train_batch_size * dist.world_size())
-        if dist.is_main():
-            truncate_jsonl(self.out / "metrics.jsonl", self.loop.step)
+        truncate_run_logs(self.out, self.loop.step)
         logger.info("resuming from %s: step %d of %d, epoch %d", self.resume_from, self.loop.step,
                     self.total_steps, self.loop.epoch)
 

@@ -38,7 +38,6 @@ from rlhf_ds.args import (
     to_dict,
 )
 from rlhf_ds.checkpoint import (
-    RUN_LOGS,
     check_output_dir,
     convert_to_universal,
     die_if_asked,
@@ -50,7 +49,7 @@ from rlhf_ds.checkpoint import (
     publish_files,
     save_causal_lm,
     save_resumable,
-    truncate_jsonl,
+    truncate_run_logs,
 )
 from rlhf_ds.data.collate import SFTCollator, even_shards, train_sampler
 from rlhf_ds.data.loading import DataReport, load_examples, split_eval, tokenize_prompts
@@ -215,9 +214,7 @@ class PPOTrainer:
         self.reward_stats = algo.RunningMoments(**state["reward_stats"])
         if self.ema is not None and dist.is_main():
             self.ema = torch.load(self.resume_from / "ema.pt", weights_only=True)
-        if dist.is_main():
-            for name in RUN_LOGS:
-                truncate_jsonl(self.out / name, self.loop.step)
+        truncate_run_logs(self.out, self.loop.step)
         logger.info("resuming from %s: step %d of %d", self.resume_from, self.loop.step, self.total_steps)
 
     def _check_flags(self) -> None:
