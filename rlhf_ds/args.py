@@ -221,6 +221,11 @@ class PPOArguments:
                                         "per_device_train_batch_size x gradient_accumulation_steps)."})
     ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout batch (one optimizer step "
                                                          "each)."})
+    fuse_experience: str = field(default="auto", metadata={
+        "help": "auto: when a rollout makes one optimizer step from one micro-batch (--ppo_epochs 1, "
+                "--gradient_accumulation_steps 1), take the actor's old log-probs and the critic's old values from "
+                "the first training forward (detached; the weights have not moved yet) instead of two more forwards "
+                "in make_experience. off: always run those forwards."})
     kl_estimator: str = field(default="k1", metadata={"help": "Per-token KL estimate in the reward: k1, k2 or k3."})
     init_kl_coef: float = field(default=0.05, metadata={"help": "KL penalty coefficient (initial if adaptive)."})
     target_kl: float | None = field(default=None, metadata={"help": "Adapt the coefficient towards this KL per "
@@ -265,6 +270,7 @@ class PPOArguments:
         if self.reward_model and self.reward_fn:
             raise UserError("give either --reward_model or --reward_fn, not both")
         _check_choice("kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
+        _check_choice("fuse_experience", self.fuse_experience, ("auto", "off"))
         _check_choice("hybrid_engine", self.hybrid_engine, ("ours", "deepspeed", "off"))
         _check_choice("hybrid_merge_lora", self.hybrid_merge_lora, ("auto", "on", "off"))
         if self.hybrid_gather_layers < 0:

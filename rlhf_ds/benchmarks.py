@@ -144,7 +144,7 @@ def bench_ppo_worker(stage: int, hybrid: str, steps: int, warmup: int) -> dict[s
         t0 = time.time()
         rollout, stats = trainer.make_experience(rows)
         t1 = time.time()
-        trainer.train_on(rollout)
+        trainer.train_on(rollout, stats)
         dist.barrier()
         t2 = time.time()
         assert rollout.mask.sum().item() == 4 * 64, "every answer must have 64 tokens"

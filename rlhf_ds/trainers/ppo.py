@@ -57,7 +57,7 @@ from rlhf_ds.data.template import resolve_template
 from rlhf_ds.engines.ds_config import EngineSettings, dtype_of, engine_config, resolve_precision
 from rlhf_ds.engines.factory import create_inference_engine, create_train_engine
 from rlhf_ds.engines.generation import SamplingSettings, build_generator
-from rlhf_ds.engines.hybrid import deepspeed_hybrid_problem
+from rlhf_ds.engines.hybrid import deepspeed_hybrid_problem, plain_linear
 from rlhf_ds.errors import Preempted, UserError
 from rlhf_ds.models.finetuning import apply_finetuning, count_parameters
 from rlhf_ds.models.heads import (
@@ -94,17 +94,19 @@ class Rollout:
     prompt_mask: torch.Tensor
     response: torch.Tensor  # [B, N], pad after EOS
     mask: torch.Tensor  # 1 up to and including the first EOS
-    logprobs: torch.Tensor
     ref_logprobs: torch.Tensor
-    values: torch.Tensor
     scores: torch.Tensor  # [B] raw reward (after the missing-EOS penalty)
     normalized: torch.Tensor  # [B] what enters the reward
-    rewards: torch.Tensor
-    kl: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
     ptx_ids: list[list[int]]  # the prompts' reference answers (prompt + answer), for PPO-ptx
     ptx_prompt_len: list[int]
+    # the old policy's log-probs and the old values, and what follows from them (see PPOTrainer.complete_rollout);
+    # None until then when the experience is fused into the first training forward
+    logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
 
     @property
     def sequences(self) -> torch.Tensor:
@@ -118,7 +120,8 @@ class Rollout:
         values = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            values[f.name] = v[idx] if isinstance(v, torch.Tensor) else [v[i] for i in idx.tolist()]
+            values[f.name] = (v[idx] if isinstance(v, torch.Tensor) else
+                              None if v is None else [v[i] for i in idx.tolist()])
         return Rollout(**values)
 
 
@@ -317,6 +320,9 @@ class PPOTrainer:
         self.optimizer_steps = optimizer_steps
         logger.info("%d PPO steps of %d prompts (%d per rank, %d steps per epoch), %d optimizer steps each",
                     self.total_steps, self.rollout_size * world, self.rollout_size, per_epoch, self.ppo.ppo_epochs)
+        if self.fused_experience:
+            logger.info("one optimizer step per rollout: the old log-probs and values come from the first training "
+                        "forward (--fuse_experience off to compute them in make_experience)")
 
     # ----------------------------------------------------------------------------------------------- engines
     def _role_stages(self) -> dict[str, int]:
@@ -477,9 +483,20 @@ class PPOTrainer:
         pad = self.tokenizer.pad_token_id
         return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=pad) for p in parts]), timings
 
+    @property
+    def fused_experience(self) -> bool:
+        """Whether the old log-probs and values come from the first training forward: exact when the rollout makes
+        a single optimizer step from a single micro-batch, since the weights have not moved before it (TRL's GRPO
+        skips its old log-probs in the same case)."""
+        return (self.ppo.fuse_experience == "auto" and self.ppo.ppo_epochs == 1
+                and self.args.gradient_accumulation_steps == 1)
+
     @torch.no_grad()
     def make_experience(self, rows: list[dict]) -> tuple[Rollout, dict[str, float]]:
-        ppo, device = self.ppo, dist.device()
+        """Generate responses to the prompts and score them. The actor's and the critic's forwards (old log-probs,
+        values) and the advantages are here too, unless they are fused into the first training forward; then
+        train_on completes the rollout and `stats`."""
+        device = dist.device()
         prompt_ids, prompt_mask = pad_sequences([r["prompt_ids"] for r in rows], self.tokenizer.pad_token_id, "left")
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
         t0 = time.time()
@@ -489,34 +506,55 @@ class PPOTrainer:
         sequences = torch.cat([prompt_ids, response], 1)
         attention = torch.cat([prompt_mask, mask], 1)
         n = response.shape[1]
+        fused = self.fused_experience
         self.actor.eval()
         self.critic.eval()
         logprobs, ref_logprobs, values, scores = [], [], [], []
         responses_text = self._decode(response, mask)
         prompts_text = [r["prompt_text"] for r in rows]
-        for s in self._chunks(len(rows), self.args.per_device_train_batch_size):
-            seq, att = sequences[s], attention[s]
-            logprobs.append(algo.logprobs_from_logits(response_logits(self.actor, seq, att, n), response[s],
-                                                      ppo.temperature))
-            ref_logprobs.append(algo.logprobs_from_logits(response_logits(self.ref, seq, att, n), response[s],
-                                                          ppo.temperature))
-            values.append(response_values(self.critic, seq, att, n).float())
-            scores.append(self._score(seq, att, prompts_text[s], responses_text[s]))
+        with plain_linear():  # no backward follows these forwards
+            for s in self._chunks(len(rows), self.args.per_device_train_batch_size):
+                seq, att = sequences[s], attention[s]
+                if not fused:
+                    logprobs.append(algo.logprobs_from_logits(response_logits(self.actor, seq, att, n), response[s],
+                                                              self.ppo.temperature))
+                    values.append(response_values(self.critic, seq, att, n).float())
+                ref_logprobs.append(algo.logprobs_from_logits(response_logits(self.ref, seq, att, n), response[s],
+                                                              self.ppo.temperature))
+                scores.append(self._score(seq, att, prompts_text[s], responses_text[s]))
         self.actor.train()
         self.critic.train()
-        logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
-        values, scores = torch.cat(values) * mask, torch.cat(scores)
+        scores = torch.cat(scores)
         ended = algo.has_eos(response, mask, self.eos_ids)
-        if ppo.missing_eos_penalty:
-            scores = scores - ppo.missing_eos_penalty * (~ended).float()
-        if ppo.normalize_reward:
+        if self.ppo.missing_eos_penalty:
+            scores = scores - self.ppo.missing_eos_penalty * (~ended).float()
+        if self.ppo.normalize_reward:
             self.reward_stats.update(scores, dist.all_reduce_sum)
-            normalized = algo.normalize_scores(scores, self.reward_stats.mean, self.reward_stats.std, ppo.reward_clip)
+            normalized = algo.normalize_scores(scores, self.reward_stats.mean, self.reward_stats.std,
+                                               self.ppo.reward_clip)
         else:
-            normalized = scores.clamp(-ppo.reward_clip, ppo.reward_clip) if ppo.reward_clip else scores
-        rewards, kl = algo.compute_rewards(normalized, logprobs, ref_logprobs, mask, self.kl_ctl.value,
-                                           ppo.kl_estimator)
-        advantages, returns = algo.ADVANTAGE_ESTIMATORS["gae"](rewards, values, mask, ppo.gamma, ppo.lam)
+            normalized = scores.clamp(-self.ppo.reward_clip, self.ppo.reward_clip) if self.ppo.reward_clip else scores
+        rollout = Rollout(prompt_ids, prompt_mask, response, mask, torch.cat(ref_logprobs), scores, normalized,
+                          [r["input_ids"] for r in rows], [r["prompt_len"] for r in rows])
+        stats = {"reward": scores.mean().item(), "reward_normalized": normalized.mean().item(),
+                 "response_length": mask.sum(-1).float().mean().item(), "eos_rate": ended.float().mean().item(),
+                 "time_gather": gen_times["gather"], "time_generation": t_rollout - gen_times["gather"],
+                 "tokens": mask.sum().item()}
+        if not fused:
+            self.complete_rollout(rollout, torch.cat(logprobs), torch.cat(values), stats)
+        stats["time_experience"] = time.time() - t0 - t_rollout
+        self._last_texts = (prompts_text, responses_text, scores.tolist())
+        return rollout, stats
+
+    @torch.no_grad()
+    def complete_rollout(self, ro: Rollout, logprobs: torch.Tensor, values: torch.Tensor, stats: dict) -> None:
+        """Where the KL is added: the per-token reward is -kl_coef * KL(actor || reference), plus the normalised
+        score at the last response token; GAE turns rewards and the critic's values into advantages and returns."""
+        ppo, mask = self.ppo, ro.mask
+        ro.logprobs, ro.values = logprobs, values.float() * mask
+        ro.rewards, ro.kl = algo.compute_rewards(ro.normalized, logprobs, ro.ref_logprobs, mask, self.kl_ctl.value,
+                                                 ppo.kl_estimator)
+        advantages, ro.returns = algo.ADVANTAGE_ESTIMATORS["gae"](ro.rewards, ro.values, mask, ppo.gamma, ppo.lam)
         if ppo.whiten_advantages:
             totals = dist.all_reduce_sum(torch.stack([mask.sum(), (advantages * mask).sum(),
                                                       (advantages ** 2 * mask).sum()]).double().cpu())
@@ -524,19 +562,10 @@ class PPOTrainer:
             mean = total / max(count, 1)
             var = max(total_sq / max(count, 1) - mean ** 2, 0.0) * count / max(count - 1, 1)
             advantages = algo.masked_whiten(advantages, mask, stats=(torch.tensor(mean), torch.tensor(var)))
-        t_exp = time.time() - t0 - t_rollout
-        rollout = Rollout(prompt_ids, prompt_mask, response, mask, logprobs, ref_logprobs, values, scores,
-                          normalized, rewards, kl, advantages, returns, [r["input_ids"] for r in rows],
-                          [r["prompt_len"] for r in rows])
-        seq_kl = algo.masked_sum(algo.kl_k1(logprobs, ref_logprobs), mask, dim=-1)
-        stats = {"reward": scores.mean().item(), "reward_normalized": normalized.mean().item(),
-                 "kl": seq_kl.mean().item(), "response_length": mask.sum(-1).float().mean().item(),
-                 "eos_rate": ended.float().mean().item(),
-                 "value_explained_variance": algo.explained_variance(values, returns, mask).item(),
-                 "time_gather": gen_times["gather"], "time_generation": t_rollout - gen_times["gather"],
-                 "time_experience": t_exp, "tokens": mask.sum().item()}
-        self._last_texts = (prompts_text, responses_text, scores.tolist())
-        return rollout, stats
+        ro.advantages = advantages
+        seq_kl = algo.masked_sum(algo.kl_k1(logprobs, ro.ref_logprobs), mask, dim=-1)
+        stats.update(kl=seq_kl.mean().item(),
+                     value_explained_variance=algo.explained_variance(ro.values, ro.returns, mask).item())
 
     # ------------------------------------------------------------------------------------------- training
     def _ptx_loss(self, mb: Rollout) -> torch.Tensor:
@@ -547,7 +576,9 @@ class PPOTrainer:
                          position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False)
         return sft_loss(out.logits, batch["input_ids"], batch["loss_mask"])
 
-    def train_on(self, ro: Rollout) -> dict[str, float]:
+    def train_on(self, ro: Rollout, stats: dict | None = None) -> dict[str, float]:
+        """PPO updates of the actor and the critic on one rollout. A rollout from a fused make_experience is
+        completed here from the first forwards, and `stats` (make_experience's) with it."""
         ppo = self.ppo
         n = ro.response.shape[1]
         sums: dict[str, float] = {}
@@ -555,10 +586,19 @@ class PPOTrainer:
         for _ in range(ppo.ppo_epochs):
             order = torch.randperm(ro.response.shape[0])
             for s in self._chunks(len(order), self.args.per_device_train_batch_size):
-                mb = ro.select(order[s])
-                seq, att = mb.sequences, mb.attention_mask
-                logits = response_logits(self.actor, seq, att, n)
-                logprobs = algo.logprobs_from_logits(logits, mb.response, ppo.temperature)
+                values = None
+                if ro.advantages is None:  # fused: this single micro-batch is the whole rollout
+                    mb = ro
+                    seq, att = mb.sequences, mb.attention_mask
+                    values = response_values(self.critic, seq, att, n)
+                    logits = response_logits(self.actor, seq, att, n)
+                    logprobs = algo.logprobs_from_logits(logits, mb.response, ppo.temperature)
+                    self.complete_rollout(ro, logprobs.detach(), values.detach(), stats)
+                else:
+                    mb = ro.select(order[s])
+                    seq, att = mb.sequences, mb.attention_mask
+                    logits = response_logits(self.actor, seq, att, n)
+                    logprobs = algo.logprobs_from_logits(logits, mb.response, ppo.temperature)
                 pg_loss, pg_stats = algo.policy_loss(logprobs, mb.logprobs, mb.advantages, mb.mask, ppo.cliprange)
                 with torch.no_grad():
                     entropy = algo.masked_mean(algo.entropy_from_logits(logits, ppo.temperature), mb.mask)
@@ -571,7 +611,8 @@ class PPOTrainer:
                     step_stats["ptx_loss"] = ptx.item()
                 self.actor.backward(loss)
                 self.actor.step()
-                values = response_values(self.critic, seq, att, n)
+                if values is None:
+                    values = response_values(self.critic, seq, att, n)
                 v_loss, v_stats = algo.value_loss(values, mb.values, mb.returns, mb.mask, ppo.cliprange_value)
                 self.critic.backward(ppo.vf_coef * v_loss)
                 self.critic.step()
@@ -611,7 +652,7 @@ class PPOTrainer:
                 t0 = time.time()
                 rollout, stats = self.make_experience(rows)
                 t1 = time.time()
-                train_stats = self.train_on(rollout)
+                train_stats = self.train_on(rollout, stats)
                 t_train = time.time() - t1
                 self.kl_ctl.update(dist.all_reduce_mean(torch.tensor([stats["kl"]]))[0].item(),
                                    self.rollout_size * dist.world_size())

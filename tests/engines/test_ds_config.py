@@ -19,6 +19,7 @@ def test_shipped_configs_fill_every_auto():
             assert cfg["gradient_accumulation_steps"] == 2 and cfg["gradient_clipping"] == 0.5
             assert cfg["bf16"]["enabled"] is True and cfg["fp16"]["enabled"] is False
             assert cfg["optimizer"]["params"]["lr"] == 1e-4 and cfg["optimizer"]["params"]["torch_adam"] is True
+            assert cfg["optimizer"]["params"]["fused"] is True  # one pass over the flat partition on CPU
             assert cfg["zero_optimization"]["stage"] == stage
             assert ("offload_optimizer" in cfg["zero_optimization"]) == offload
     frozen = engine_config(settings(stage=3), trainable=False)

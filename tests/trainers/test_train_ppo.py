@@ -156,3 +156,42 @@ def test_bad_input_is_refused_before_any_engine_is_built(case, tiny_llama, tiny_
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert expected in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
     assert "ZeRO-" not in proc.stdout  # no engine was built
+
+
+def test_fused_experience_trains_exactly_like_separate_forwards(tiny_llama, tiny_rm, tmp_path):
+    """With one optimizer step per rollout the old log-probs and values are taken from the first training forward;
+    every logged figure and the trained weights must equal those of a run that computes them in make_experience."""
+    runs = {}
+    for mode in ("auto", "off"):
+        out = tmp_path / mode
+        proc = check_ok(run_cli("train_ppo.py", *ppo_args(
+            tiny_llama, out, "--reward_model", str(tiny_rm), "--finetuning_type", "lora", "--lora_target",
+            "q_proj,v_proj", "--learning_rate", "5e-3", "--per_device_train_batch_size", "4", "--max_steps", "3",
+            "--logging_steps", "1", "--fuse_experience", mode)))
+        assert ("come from the first training forward" in proc.stderr + proc.stdout) == (mode == "auto")
+        runs[mode] = ([r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"],
+                      saved_tensors(out / "actor"), saved_tensors(out / "critic"))
+    (fused, actor_f, critic_f), (plain, actor_p, critic_p) = runs["auto"], runs["off"]
+    keys = [k for k in STEP_KEYS if not k.startswith("time_") and k != "tokens_per_second"]
+    assert len(fused) == len(plain) == 3
+    for a, b in zip(fused, plain):
+        for k in keys:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (k, a[k], b[k])  # metrics.jsonl keeps 6 digits
+    assert fused[-1]["value_loss"] > 0  # the comparison saw real updates: the critic learns, the adapter moved
+    assert any("lora_B" in name and t.abs().sum() > 0 for name, t in actor_f.items())
+    for got, want in ((actor_f, actor_p), (critic_f, critic_p)):
+        assert got.keys() == want.keys() and got
+        for name in got:
+            assert torch.allclose(got[name], want[name], atol=1e-5), (name, (got[name] - want[name]).abs().max())
+
+
+def saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor a saved actor or critic folder holds (adapter, value head)."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        tensors.update({f"{f.name}:{k}": v.float() for k, v in load_file(f).items()})
+    for f in sorted(Path(folder).glob("*.bin")):
+        tensors.update({f"{f.name}:{k}": v.float() for k, v in torch.load(f, weights_only=True).items()})
+    return tensors
