@@ -83,6 +83,7 @@ def test_ppo_raises_a_rule_based_reward_while_kl_stays_bounded(tiny_llama, tmp_p
 def test_two_processes_zero3_actor_and_reference_zero2_critic_offloaded_frozen_models(
         tiny_llama, sft_adapter, tiny_rm, tmp_path):
     out = tmp_path / "ppo"
+    shm = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     proc = check_ok(run_cli("train_ppo.py", *ppo_args(
         tiny_llama, out, "--checkpoint_dir", str(sft_adapter), "--reward_model", str(tiny_rm),
         "--finetuning_type", "lora", "--actor_zero_stage", "3", "--critic_zero_stage", "2",
@@ -92,6 +93,7 @@ def test_two_processes_zero3_actor_and_reference_zero2_critic_offloaded_frozen_m
         "--do_eval", "--val_size", "6", "--eval_steps", "2", "--save_steps", "2", "--max_samples", "60",
         "--lr_scheduler_type", "cosine", "--fp16"), nproc=2, launcher="deepspeed"))
     log = proc.stdout
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm  # DeepSpeed's segments unlinked
     assert "actor     ZeRO-3" in log and "reference ZeRO-3" in log and "critic    ZeRO-2" in log
     assert "reward    ZeRO-3" in log and "--offload_reward_model" in log
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
