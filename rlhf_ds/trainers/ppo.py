@@ -120,8 +120,7 @@ class Rollout:
         values = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            values[f.name] = (v[idx] if isinstance(v, torch.Tensor) else
-                              None if v is None else [v[i] for i in idx.tolist()])
+            values[f.name] = v[idx] if isinstance(v, torch.Tensor) else [v[i] for i in idx.tolist()]
         return Rollout(**values)
 
 
@@ -586,19 +585,14 @@ class PPOTrainer:
         for _ in range(ppo.ppo_epochs):
             order = torch.randperm(ro.response.shape[0])
             for s in self._chunks(len(order), self.args.per_device_train_batch_size):
-                values = None
-                if ro.advantages is None:  # fused: this single micro-batch is the whole rollout
-                    mb = ro
-                    seq, att = mb.sequences, mb.attention_mask
-                    values = response_values(self.critic, seq, att, n)
-                    logits = response_logits(self.actor, seq, att, n)
-                    logprobs = algo.logprobs_from_logits(logits, mb.response, ppo.temperature)
+                fused = ro.advantages is None  # then this single micro-batch is the whole rollout
+                mb = ro if fused else ro.select(order[s])
+                seq, att = mb.sequences, mb.attention_mask
+                values = response_values(self.critic, seq, att, n) if fused else None
+                logits = response_logits(self.actor, seq, att, n)
+                logprobs = algo.logprobs_from_logits(logits, mb.response, ppo.temperature)
+                if fused:
                     self.complete_rollout(ro, logprobs.detach(), values.detach(), stats)
-                else:
-                    mb = ro.select(order[s])
-                    seq, att = mb.sequences, mb.attention_mask
-                    logits = response_logits(self.actor, seq, att, n)
-                    logprobs = algo.logprobs_from_logits(logits, mb.response, ppo.temperature)
                 pg_loss, pg_stats = algo.policy_loss(logprobs, mb.logprobs, mb.advantages, mb.mask, ppo.cliprange)
                 with torch.no_grad():
                     entropy = algo.masked_mean(algo.entropy_from_logits(logits, ppo.temperature), mb.mask)
