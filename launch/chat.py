@@ -13,6 +13,7 @@ from rlhf_ds.errors import run_cli
 def main(argv=None) -> int:
     from transformers import TextStreamer
 
+    from rlhf_ds.engines.precision import resolve_precision
     from rlhf_ds.inference import Policy
     from rlhf_ds.models.loading import quiet_transformers
 
@@ -24,9 +25,14 @@ def main(argv=None) -> int:
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--bf16", action="store_true", help="bf16 where this machine runs it fast (else fp32)")
+    parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), help="exactly this precision")
     args = parser.parse_args(argv)
     quiet_transformers()
-    policy = Policy(args.model, args.base_model)
+    precision = resolve_precision(args.precision, bf16=args.bf16, model_dir=args.model)
+    if args.bf16 or args.precision:
+        print(f"chat: {precision.describe()}", file=sys.stderr)
+    policy = Policy(args.model, args.base_model, dtype=precision.dtype)
     history = [{"role": "system", "content": args.system}] if args.system else []
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     if args.prompt is not None:

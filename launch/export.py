@@ -7,8 +7,6 @@ rlhf_ds or peft needed): a LoRA adapter is merged into its base model.
 """
 import argparse
 
-import torch
-
 from rlhf_ds.errors import run_cli
 
 
@@ -16,17 +14,20 @@ def main(argv=None) -> int:
     from pathlib import Path
 
     from rlhf_ds.checkpoint import export_model_dir
+    from rlhf_ds.engines.precision import resolve_precision
     from rlhf_ds.models.loading import quiet_transformers
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_dir", required=True, help="a LoRA adapter, a model folder, or a PPO --output_dir")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--base_model", help="the adapter's base model (default: as recorded in the adapter)")
-    parser.add_argument("--bf16", action="store_true", help="save in bf16 (default fp32)")
+    parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), help="dtype of the saved weights "
+                        "(default fp32)")
+    parser.add_argument("--bf16", action="store_true", help="the same as --precision bf16")
     args = parser.parse_args(argv)
     quiet_transformers()
-    out = export_model_dir(args.model_dir, Path(args.output_dir), args.base_model,
-                           torch.bfloat16 if args.bf16 else torch.float32)
+    precision = resolve_precision(precision=args.precision or ("bf16" if args.bf16 else "fp32"))
+    out = export_model_dir(args.model_dir, Path(args.output_dir), args.base_model, precision.dtype)
     print(f"exported to {out}")
     return 0
 

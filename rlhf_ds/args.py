@@ -162,8 +162,15 @@ class RuntimeArguments:
     """How engines run: precision, ZeRO, offload, evaluation batch, timeouts. Shared by training and evaluation."""
 
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Examples per rank per evaluation step."})
-    fp16: bool = field(default=False, metadata={"help": "fp16 mixed precision (run as bf16 on CPU, see README)."})
-    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision."})
+    fp16: bool = field(default=False, metadata={"help": "Mixed precision where the hardware does it fast: fp16 on a "
+                                                        "GPU; on a CPU bf16 where it has native bf16 kernels, else "
+                                                        "fp32 (see docs/precision.md)."})
+    bf16: bool = field(default=False, metadata={"help": "Mixed precision where the hardware does it fast: bf16 (fp16 "
+                                                        "with loss scaling on GPUs without bf16; fp32 on CPUs "
+                                                        "without native bf16 kernels)."})
+    precision: str | None = field(default=None, metadata={"help": "bf16, fp16 or fp32 exactly as given, whatever "
+                                                                  "the hardware (overrides the choice --bf16 and "
+                                                                  "--fp16 make)."})
     deepspeed: str | None = field(default=None, metadata={"help": "Your own DeepSpeed JSON config ('auto' values "
                                                                   "are filled from these flags)."})
     zero_stage: int = field(default=2, metadata={"help": "ZeRO stage of the shipped configs: 2 or 3."})
@@ -184,6 +191,8 @@ class RuntimeArguments:
             raise UserError(f"--per_device_eval_batch_size {self.per_device_eval_batch_size} must be >= 1")
         if self.fp16 and self.bf16:
             raise UserError("--fp16 and --bf16 are exclusive; pick one")
+        if self.precision is not None:
+            _check_choice("precision", self.precision, ("bf16", "fp16", "fp32"))
         if self.deepspeed and not os.path.isfile(self.deepspeed):
             raise UserError(f"--deepspeed {self.deepspeed}: no such file")
 

@@ -48,6 +48,16 @@ def workload_model(root: Path) -> tuple[Path, Path]:
     return policy, reward
 
 
+def machine() -> dict[str, Any]:
+    """What a figure was measured on, recorded in every benchmark line: the device, and for a CPU its model name,
+    the flags that decide matrix speed and whether oneDNN has bf16 kernels for it."""
+    from rlhf_ds.engines.precision import cpu_description, on_cuda
+
+    if on_cuda():
+        return {"device": torch.cuda.get_device_name()}
+    return {"device": "cpu", "cpu": cpu_description()}
+
+
 def _timed(fn, repeats: int) -> float:
     """Median wall seconds of fn() over all ranks (each run starts and ends at a barrier)."""
     times = []
@@ -66,6 +76,7 @@ def bench_generation(model: str, batch: int, prompt: int, new_tokens: int, repea
 
     from rlhf_ds.engines.ds_config import EngineSettings, engine_config
     from rlhf_ds.engines.factory import create_train_engine
+    from rlhf_ds.engines.precision import resolve_precision
     from rlhf_ds.engines.generation import PlainGenerator, SamplingSettings
     from rlhf_ds.engines.hybrid import HybridEngine
     from rlhf_ds.models.loading import load_tokenizer, resolve_model_path
@@ -74,11 +85,12 @@ def bench_generation(model: str, batch: int, prompt: int, new_tokens: int, repea
     root = Path(tempfile.gettempdir()) / "rlhf_ds_bench"
     with dist.main_process_first():
         path = workload_model(root)[0] if model == "opt-7m" else resolve_model_path(model)
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    precision = resolve_precision(bf16=bf16, model_dir=path)
+    dtype = precision.dtype
     net = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     tok = load_tokenizer(path)
     plain_hf = copy.deepcopy(net).eval()
-    cfg = engine_config(EngineSettings(micro_batch=batch, precision="bf16" if bf16 else "fp32", stage=3, lr=1e-5,
+    cfg = engine_config(EngineSettings(micro_batch=batch, precision=precision.name, stage=3, lr=1e-5,
                                        world_size=dist.world_size(), persistence_threshold=persistence_threshold),
                         trainable=True)
     engine = create_train_engine(net, cfg, scheduler_type="constant", warmup_steps=0, total_steps=1)
@@ -105,8 +117,7 @@ def bench_generation(model: str, batch: int, prompt: int, new_tokens: int, repea
     return {"bench": "generation", "model": model, "parameters": sum(p.numel() for p in plain_hf.parameters()),
             "world_size": dist.world_size(), "zero_stage": 3,
             "stage3_param_persistence_threshold": persistence_threshold, "batch_per_rank": batch,
-            "prompt_tokens": prompt, "new_tokens": new_tokens, "dtype": "bf16" if bf16 else "fp32",
-            "device": dist.device().type, "torch_threads": torch.get_num_threads(),
+            "prompt_tokens": prompt, "new_tokens": new_tokens, **precision.record(), **machine(),
             "tokens_per_second": {k: round(v, 1) for k, v in tps.items()},
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
             "hybrid_over_zero3_plain": round(tps["zero3_hybrid"] / tps["zero3_plain"], 2),
@@ -155,7 +166,7 @@ def bench_ppo_worker(stage: int, hybrid: str, steps: int, warmup: int) -> dict[s
             rows_by_key["total"].append(t2 - t0)
     medians = {f"{k}_s": round(statistics.median(v), 3) for k, v in rows_by_key.items()}
     return {"system": "rlhf_ds", "zero_stage": stage, "world_size": dist.world_size(), "hybrid_engine": hybrid,
-            **medians}
+            **medians, **trainer.prec.record(), **machine()}
 
 
 def run_ppo_matrix(stages: list[int], worlds: list[int], hybrids: list[str], steps: int, warmup: int) -> dict:
@@ -180,6 +191,7 @@ def run_ppo_matrix(stages: list[int], worlds: list[int], hybrids: list[str], ste
                 results.append(json.loads(Path(result_file).read_text()))
                 Path(result_file).unlink()
                 print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-    return {"bench": "ppo_step", "workload": "opt-7m, 4 prompts x 64 tokens per process, 64 new tokens, bf16, "
+    return {"bench": "ppo_step", "workload": "opt-7m, 4 prompts x 64 tokens per process, 64 new tokens, --bf16 "
+                                             "(bf16 where the processor runs it fast, else fp32), "
                                              "OMP_NUM_THREADS=1, median of steps after warm-up",
             "steps": steps, "warmup": warmup, "results": results}

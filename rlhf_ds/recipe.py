@@ -56,6 +56,9 @@ class RecipeArguments:
     ppo_eval_prompts: int | None = None
     ppo_learning_rate: float = 2e-4
     ppo_epochs: int = 2
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 where the hardware runs it fast, else "
+                                                             "fp32: every stage gets --bf16), or bf16, fp16, fp32 "
+                                                             "exactly (--precision)."})
     max_length: int = field(default=256, metadata={"help": "SFT and RM sequence length."})
     max_prompt_length: int = 128
     max_new_tokens: int = 48
@@ -65,6 +68,8 @@ class RecipeArguments:
     ppo_args: str = field(default="", metadata={"help": "Extra flags for train_ppo.py (quoted)."})
 
     def __post_init__(self) -> None:
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise UserError(f"--precision {self.precision!r}: choose auto, bf16, fp16 or fp32")
         profile = PROFILES.get(self.model, DEFAULT_PROFILE)
         for name, value in profile.items():
             if getattr(self, name) is None:
@@ -91,7 +96,8 @@ def split_instruction_data(args: RecipeArguments, out: Path) -> tuple[Path, Path
 
 
 def stage_commands(args: RecipeArguments, out: Path, sft_file: Path, ppo_file: Path) -> dict[str, list[str]]:
-    common = ["--model_name_or_path", args.model, "--do_train", "--finetuning_type", "lora", "--bf16",
+    precision = ["--bf16"] if args.precision == "auto" else ["--precision", args.precision]
+    common = ["--model_name_or_path", args.model, "--do_train", "--finetuning_type", "lora", *precision,
               "--lr_scheduler_type", "cosine", "--seed", str(args.seed), "--save_steps", "0", "--logging_steps", "2",
               "--plot_loss", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2"]
     return {

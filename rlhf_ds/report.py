@@ -78,6 +78,12 @@ def build_report(run_dir: str | Path, settings: dict[str, Any] | None = None) ->
                   f"(SFT {settings.get('minutes', {}).get('sft', '—')}, RM {settings.get('minutes', {}).get('rm', '—')}, "
                   f"PPO {settings.get('minutes', {}).get('ppo', '—')}).", ""]
 
+    precisions = {name: _json(run / name / "training_args.json") for name in ("sft", "rm", "ppo")}
+    ran = [f"{name.upper()} {a['precision']}" for name, a in precisions.items() if a.get("precision")]
+    if ran:
+        reasons = sorted({a.get("precision_reason", "") for a in precisions.values() if a.get("precision")})
+        lines += [f"Precision that ran: {', '.join(ran)} ({'; '.join(r for r in reasons if r)}).", ""]
+
     sft_eval, rm_eval = _json(sft / "eval_results.json"), _json(rm / "eval_results.json")
     ppo_evals = _jsonl(ppo / "eval_results.jsonl")
     ppo_first, ppo_last = (ppo_evals[0], ppo_evals[-1]) if ppo_evals else ({}, {})

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -70,6 +71,21 @@ class Tracker:
                     self.writer.add_scalar(f"{kind}/{key}", value, step)
             self.writer.flush()
 
+    def log_start(self, precision, step: int) -> None:
+        """A "run" line each time a process starts (or resumes) the run: the precision that really runs and on
+        which processor, so figures from different machines are never compared unlabelled."""
+        from rlhf_ds.engines.precision import cpu_description, on_cuda
+
+        if not self.enabled:
+            return
+        import torch
+
+        device = torch.cuda.get_device_name() if on_cuda() else cpu_description()["model"]
+        row = {"kind": "run", "step": step, **precision.record(), "device": device,
+               "world_size": dist.world_size(), "time": round(time.time(), 3)}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
@@ -90,13 +106,83 @@ def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, An
     return rows
 
 
-def progress(total: int, desc: str, disable: bool = False, initial: int = 0):
+PROGRESS_SECONDS = float(os.environ.get("RLHF_DS_PROGRESS_SECONDS", "25"))
+
+
+def progress(total: int, desc: str, disable: bool = False, initial: int = 0, unit: str = "step"):
+    """A tqdm bar on a terminal; elsewhere (a pipe, a log file, SLURM, the recipe reading a stage's output) whole
+    lines, at least every RLHF_DS_PROGRESS_SECONDS (25) seconds while the work lasts."""
     from tqdm.auto import tqdm
 
-    # Without a terminal (a log file, CI, SLURM) redraw rarely: each redraw is a line of its own there.
-    interactive = sys.stdout.isatty()
-    return tqdm(total=total, desc=desc, initial=initial, disable=disable or not dist.is_main(),
-                dynamic_ncols=True, file=sys.stdout, mininterval=0.5 if interactive else 30.0)
+    disable = disable or not dist.is_main()
+    if sys.stdout.isatty() or disable:
+        return tqdm(total=total, desc=desc, initial=initial, disable=disable, dynamic_ncols=True, file=sys.stdout,
+                    mininterval=0.5)
+    return LineProgress(total, desc, initial=initial, unit=unit, interval=PROGRESS_SECONDS)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class LineProgress:
+    """Progress as whole lines for output that is not a terminal. tqdm redraws with a carriage return and only when
+    it is updated, so a pipe read line by line shows nothing while a slow step runs. Here a timer thread writes a
+    line (count, rate, time left) whenever `interval` seconds pass without one, however long a step takes."""
+
+    def __init__(self, total: int, desc: str, initial: int = 0, unit: str = "step", interval: float = 25.0):
+        import threading
+
+        self.total, self.desc, self.n, self.first, self.unit = total, desc, initial, initial, unit
+        self.interval, self.postfix = interval, ""
+        self.started = self.last = time.time()
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._tick, name="rlhf_ds-progress", daemon=True)
+        self._thread.start()
+
+    def _tick(self) -> None:
+        while not self._closed.wait(min(1.0, self.interval / 4)):
+            if time.time() - self.last >= self.interval:
+                self._emit()
+
+    def line(self) -> str:
+        now = time.time()
+        done = self.n - self.first
+        head = f"{self.desc}: {self.n}/{self.total} {self.unit}s"
+        parts = [f"{_duration(now - self.started)} elapsed"]
+        if done > 0:
+            per = (now - self.started) / done
+            parts.append(f"{per:.1f} s/{self.unit}" if per >= 1 else f"{1 / per:.2f} {self.unit}s/s")
+            if self.n < self.total:
+                parts.append(f"about {_duration(per * (self.total - self.n))} left")
+        elif self.n < self.total:
+            parts.append(f"{self.unit} {self.n + 1} running")
+        return f"{head} | {' | '.join(parts)}" + (f" | {self.postfix}" if self.postfix else "")
+
+    def _emit(self) -> None:
+        with self._lock:
+            sys.stdout.write(self.line() + "\n")
+            sys.stdout.flush()
+            self.last = time.time()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.time() - self.last >= self.interval:
+            self._emit()
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = " ".join(f"{k}={v}" for k, v in values.items())
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._thread.join(timeout=2)
+        if self.n > self.first:
+            self._emit()
 
 
 def format_metrics(metrics: dict[str, Any], keys: Iterable[str] | None = None) -> str:

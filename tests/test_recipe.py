@@ -18,7 +18,11 @@ def test_recipe_runs_end_to_end_then_exports_and_reloads(tiny_llama, tmp_path):
     for stage in ("1/3 supervised fine-tuning", "2/3 reward model", "3/3 PPO"):
         assert stage in proc.stdout
     assert "SFT  held-out perplexity" in proc.stdout and "win rate vs reference" in proc.stdout
+    lines = proc.stdout.splitlines()
+    for stage in ("SFT", "reward model", "PPO"):  # each stage's progress comes through as whole lines
+        assert any(line.startswith(f"{stage}: ") and " steps | " in line for line in lines), stage
     report = (out / "report.md").read_text()
+    assert "Precision that ran: SFT " in report
     for section in ("## Headline figures", "## Did it work?", "## Curves", "## SFT answer and PPO answer"):
         assert section in report
     for png in ("sft_loss.png", "rm_training.png", "ppo_training.png", "ppo_eval.png"):

@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from rlhf_ds.args import REPO_ROOT
 from rlhf_ds.errors import UserError
 
@@ -23,20 +21,6 @@ def on_cpu() -> bool:
     from deepspeed.accelerator import get_accelerator
 
     return get_accelerator().device_name() == "cpu"
-
-
-def resolve_precision(bf16: bool, fp16: bool) -> str:
-    """'bf16', 'fp16' or 'fp32'. On CPU, fp16 runs as bf16: CPUs emulate fp16 matrix products (measured about
-    150x slower than bf16 on this project's machines), and bf16 needs no loss scaling."""
-    if fp16 and on_cpu():
-        logger.warning("--fp16 on a CPU-only machine: training in bf16 instead (fp16 matrix products are "
-                       "emulated on CPUs and far slower); on a GPU --fp16 is used as given")
-        return "bf16"
-    return "bf16" if bf16 else "fp16" if fp16 else "fp32"
-
-
-def dtype_of(precision: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
 def shipped_config_path(stage: int, offload: bool, trainable: bool) -> Path:
@@ -111,6 +95,9 @@ def build_ds_config(base: dict[str, Any], settings: EngineSettings, source: str 
         section = cfg.setdefault(name, {})
         if section.get("enabled", "auto") == "auto":
             section["enabled"] = s.precision == name
+        elif section["enabled"] is False and s.precision == name:
+            raise UserError(f"{source}: \"{name}\": {{\"enabled\": false}} contradicts the run's precision {name}; "
+                            f"write \"auto\" there, or ask for another precision")
     zero = cfg.setdefault("zero_optimization", {})
     if zero.get("stage", "auto") == "auto":
         zero["stage"] = s.stage

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from rlhf_ds.engines.precision import config_dtype
+
 logger = logging.getLogger(__name__)
 
 _NO_DECAY = ("bias", "norm", "ln_", "layernorm")
@@ -27,8 +29,7 @@ def _cast_unpartitioned(model: nn.Module, ds_config: dict[str, Any]) -> None:
     """Give every parameter the engine's dtype. DeepSpeed casts the module itself under ZeRO-0/1/2, but under
     ZeRO-3 parameters already partitioned at load (zero.Init) are left alone and ones added later (peft keeps
     LoRA weights in fp32, a new value head) would keep their own dtype and break the matrix products."""
-    dtype = (torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else
-             torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
+    dtype = config_dtype(ds_config)
     for p in model.parameters():
         if not hasattr(p, "ds_id") and p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)

@@ -74,14 +74,6 @@ def load_tokenizer(path: str | Path, padding_side: str = "left"):
     return tokenizer
 
 
-def torch_dtype(bf16: bool, fp16: bool) -> torch.dtype:
-    if bf16:
-        return torch.bfloat16
-    if fp16:
-        return torch.float16
-    return torch.float32
-
-
 @contextlib.contextmanager
 def zero3_init(ds_config: dict | None) -> Iterator[None]:
     """Load weights straight into ZeRO-3 partitions (transformers' zero.Init path) inside this block.

@@ -26,7 +26,8 @@ from rlhf_ds.checkpoint import (check_output_dir, convert_to_universal, die_if_a
 from rlhf_ds.data.collate import train_sampler
 from rlhf_ds.data.loading import DataReport, load_examples, split_eval
 from rlhf_ds.data.template import resolve_template
-from rlhf_ds.engines.ds_config import EngineSettings, engine_config, resolve_precision
+from rlhf_ds.engines.ds_config import EngineSettings, engine_config
+from rlhf_ds.engines.precision import run_precision
 from rlhf_ds.engines.factory import create_train_engine
 from rlhf_ds.errors import Preempted, UserError
 from rlhf_ds.models.finetuning import count_parameters
@@ -105,7 +106,9 @@ class StageTrainer:
             raise UserError("--dataset is required (a registered name such as alpaca_gpt4_zh, or a file)")
         if args.do_eval and not (d.val_size or d.eval_dataset):
             raise UserError("--do_eval needs held-out data: give --val_size (e.g. 0.1) or --eval_dataset")
-        self.precision = resolve_precision(rt.bf16, rt.fp16)
+        self.prec = run_precision(rt, self.model_args.model_name_or_path)
+        self.precision = self.prec.name
+        logger.info("%s: %s", self.name, self.prec.describe())
         self.resume_from, self.universal = plan_resume(Path(args.output_dir), args.resume,
                                                        args.overwrite_output_dir, self.finished_marker,
                                                        self.resume_config(), args.universal_checkpoint)
@@ -113,7 +116,8 @@ class StageTrainer:
                                     keep=self.resume_from is not None)
         if dist.is_main():
             (self.out / "training_args.json").write_text(json.dumps(
-                to_dict(self.model_args, d, self.ft_args, args, rt), indent=2, ensure_ascii=False))
+                {**to_dict(self.model_args, d, self.ft_args, args, rt), **self.prec.record()}, indent=2,
+                ensure_ascii=False))
         self.max_length = d.max_length or DEFAULT_MAX_LENGTH
         with dist.main_process_first():  # rank 0 converts a built-in model and fills the data caches first
             self.model_path = resolve_model_path(self.model_args.model_name_or_path)
@@ -143,6 +147,7 @@ class StageTrainer:
         if self.resume_from is not None:
             self._resume()
         self.tracker = Tracker(self.out, args.report_to, args.logging_dir, purge_step=self.loop.step + 1)
+        self.tracker.log_start(self.prec, self.loop.step)
         self.stop = dist.StopSignal()
 
     def resume_config(self) -> dict[str, Any]:

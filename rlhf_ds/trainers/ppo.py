@@ -54,7 +54,8 @@ from rlhf_ds.checkpoint import (
 from rlhf_ds.data.collate import SFTCollator, even_shards, train_sampler
 from rlhf_ds.data.loading import DataReport, load_examples, split_eval, tokenize_prompts
 from rlhf_ds.data.template import resolve_template
-from rlhf_ds.engines.ds_config import EngineSettings, dtype_of, engine_config, resolve_precision
+from rlhf_ds.engines.ds_config import EngineSettings, engine_config
+from rlhf_ds.engines.precision import run_precision
 from rlhf_ds.engines.factory import create_inference_engine, create_train_engine
 from rlhf_ds.engines.generation import SamplingSettings, build_generator
 from rlhf_ds.engines.hybrid import deepspeed_hybrid_problem, plain_linear
@@ -157,6 +158,9 @@ class PPOTrainer:
 
         set_seed(args.seed)
         self._check_flags()
+        self.prec = run_precision(rt, self.model_args.model_name_or_path)
+        self.precision, self.dtype = self.prec.name, self.prec.dtype
+        logger.info("PPO: %s", self.prec.describe())
         self.resume_from, self.universal = plan_resume(Path(args.output_dir), args.resume, args.overwrite_output_dir,
                                                        FINISHED_MARKER, self.resume_config(),
                                                        args.universal_checkpoint)
@@ -164,9 +168,8 @@ class PPOTrainer:
                                     keep=self.resume_from is not None)
         if dist.is_main():
             (self.out / "training_args.json").write_text(json.dumps(
-                to_dict(self.model_args, self.data_args, self.ft_args, args, rt, ppo), indent=2, ensure_ascii=False))
-        self.precision = resolve_precision(rt.bf16, rt.fp16)
-        self.dtype = dtype_of(self.precision)
+                {**to_dict(self.model_args, self.data_args, self.ft_args, args, rt, ppo), **self.prec.record()},
+                indent=2, ensure_ascii=False))
         with dist.main_process_first():
             self.base_path = resolve_model_path(self.model_args.model_name_or_path)
             self._check_inputs()
@@ -189,6 +192,7 @@ class PPOTrainer:
         if self.resume_from is not None:
             self._resume()
         self.tracker = Tracker(self.out, args.report_to, args.logging_dir, purge_step=self.loop.step + 1)
+        self.tracker.log_start(self.prec, self.loop.step)
         self.stop = dist.StopSignal()
 
     def resume_config(self) -> dict[str, Any]:
@@ -199,7 +203,7 @@ class PPOTrainer:
                 "finetuning_type": f.finetuning_type, "lora_rank": f.lora_rank, "lora_target": f.lora_target,
                 "checkpoint_dir": p.checkpoint_dir, "reward_model": p.reward_model, "reward_fn": p.reward_fn,
                 "dataset": d.dataset, "eval_dataset": d.eval_dataset, "val_size": d.val_size,
-                "max_samples": d.max_samples, "seed": a.seed, "precision": resolve_precision(self.rt.bf16, self.rt.fp16),
+                "max_samples": d.max_samples, "seed": a.seed, "precision": self.precision,
                 "per_device_train_batch_size": a.per_device_train_batch_size,
                 "gradient_accumulation_steps": a.gradient_accumulation_steps, "ppo_epochs": p.ppo_epochs,
                 "max_prompt_length": p.max_prompt_length, "max_new_tokens": p.max_new_tokens,
@@ -719,6 +723,7 @@ class PPOTrainer:
         texts: dict[int, dict[str, Any]] = {}  # the first prompts, kept with their answers for eval_samples.jsonl
         batches = even_shards(len(self.eval_set), dist.rank(), dist.world_size(), self.rt.per_device_eval_batch_size)
         self.actor.eval()
+        bar = progress(len(batches), f"evaluating (step {step})", disable=self.rt.disable_tqdm, unit="batch")
         for indices, n_real in batches:
             rows = [self.eval_set[i] for i in indices]
             prompt_ids, prompt_mask = pad_sequences([r["prompt_ids"] for r in rows], self.tokenizer.pad_token_id,
@@ -745,6 +750,8 @@ class PPOTrainer:
                     texts[indices[k]] = {"step": step, "prompt": prompts[k], "response": decoded[k],
                                          "reward": score[k].item(), "reference": answers[k],
                                          "reference_reward": ref_score[k].item()}
+            bar.update(1)
+        bar.close()
         self.actor.train()
         for part in dist.all_gather_object(found):
             found.update(part)

@@ -23,7 +23,8 @@ from rlhf_ds.args import (DEFAULT_MAX_LENGTH, DataArguments, FinetuningArguments
 from rlhf_ds.checkpoint import gather_state_dict
 from rlhf_ds.data.collate import PairCollator, even_shards
 from rlhf_ds.data.loading import DataReport, load_examples, tokenize_preference
-from rlhf_ds.engines.ds_config import EngineSettings, dtype_of, engine_config, resolve_precision
+from rlhf_ds.engines.ds_config import EngineSettings, engine_config
+from rlhf_ds.engines.precision import dtype_of, resolve_precision, run_precision
 from rlhf_ds.errors import UserError
 from rlhf_ds.models.finetuning import apply_finetuning
 from rlhf_ds.models.heads import HEAD_META, ScalarHeadModel, is_lora, save_scalar_model
@@ -48,7 +49,7 @@ def score_pairs(engine, dataset, batch_size: int, collator: PairCollator, desc: 
     device = dist.device()
     batches = even_shards(len(dataset), dist.rank(), dist.world_size(), batch_size)
     found: dict[int, tuple[float, float]] = {}
-    bar = progress(len(batches), desc, disable=disable_tqdm)
+    bar = progress(len(batches), desc, disable=disable_tqdm, unit="batch")
     for indices, n_real in batches:
         batch = collator([dataset[i] for i in indices])
         values = engine(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
@@ -205,7 +206,12 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         raise UserError("--dataset is required: a registered name or a preference file")
     model_dir = Path(ev.reward_model)
     meta = read_head_meta(model_dir)
-    precision = resolve_precision(rt.bf16, rt.fp16) if (rt.bf16 or rt.fp16) else meta.get("precision", "fp32")
+    # the precision the model was trained in counts as asked for (bf16: where this machine runs it fast)
+    trained = meta.get("precision", "fp32")
+    prec = (run_precision(rt, model_dir) if (rt.bf16 or rt.fp16 or rt.precision or rt.deepspeed) else
+            resolve_precision(bf16=trained == "bf16", fp16=trained == "fp16", model_dir=model_dir))
+    precision = prec.name
+    logger.info("scoring in %s", prec.describe())
     max_length = data_args.max_length or meta.get("max_length", DEFAULT_MAX_LENGTH)
     settings = EngineSettings(micro_batch=rt.per_device_eval_batch_size, precision=precision, stage=rt.zero_stage,
                               world_size=dist.world_size(),

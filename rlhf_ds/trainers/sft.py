@@ -20,7 +20,7 @@ from rlhf_ds.args import DataArguments, FinetuningArguments, ModelArguments, Run
 from rlhf_ds.checkpoint import gather_state_dict, save_causal_lm
 from rlhf_ds.data.collate import SFTCollator, even_shards
 from rlhf_ds.data.loading import tokenize_sft
-from rlhf_ds.engines.ds_config import dtype_of
+from rlhf_ds.engines.precision import dtype_of
 from rlhf_ds.models.finetuning import apply_finetuning
 from rlhf_ds.models.loading import load_causal_lm
 from rlhf_ds.tracking import progress
@@ -64,7 +64,7 @@ class SFTTrainer(StageTrainer):
         device = dist.device()
         batches = even_shards(len(self.eval_set), dist.rank(), dist.world_size(), self.rt.per_device_eval_batch_size)
         totals = torch.zeros(2, dtype=torch.float64)  # summed NLL, answer tokens
-        bar = progress(len(batches), "evaluating", disable=self.rt.disable_tqdm)
+        bar = progress(len(batches), "evaluating", disable=self.rt.disable_tqdm, unit="batch")
         for indices, n_real in batches:
             batch = {k: v.to(device) for k, v in self.collator([self.eval_set[i] for i in indices]).items()}
             nll, mask = token_nll(self._logits(batch), batch["input_ids"], batch["loss_mask"])

@@ -1,7 +1,7 @@
 """The config builder fills "auto" from the flags and refuses numbers that do not add up."""
 import pytest
 
-from rlhf_ds.engines.ds_config import EngineSettings, build_ds_config, engine_config, read_config, resolve_precision
+from rlhf_ds.engines.ds_config import EngineSettings, build_ds_config, engine_config, read_config
 from rlhf_ds.errors import UserError
 
 
@@ -46,8 +46,3 @@ def test_bad_config_file_is_one_line(tmp_path):
     f.write_text('{"zero_optimization": {"stage": 3,}}')
     with pytest.raises(UserError, match=r"invalid JSON at line 1"):
         read_config(f)
-
-
-def test_fp16_runs_as_bf16_on_cpu():
-    assert resolve_precision(bf16=False, fp16=True) == "bf16"
-    assert resolve_precision(bf16=False, fp16=False) == "fp32"

@@ -67,15 +67,23 @@ def test_two_process_zero3_lora_offload_then_eval_rm_gives_the_same_scores(tiny_
     assert rescored["eval_length_baseline_accuracy"] == trained["eval_length_baseline_accuracy"]
 
 
-def test_torchrun_and_plain_python_run_the_same_stage(tiny_gpt2, tmp_path):
-    for launcher, nproc in (("torchrun", 2), ("python", 1)):
+def test_torchrun_and_plain_python_run_the_same_stage_in_the_precision_the_processor_runs_fast(tiny_gpt2, tmp_path):
+    # --fp16 on a CPU: bf16 where the processor has native bf16 kernels, fp32 where it has none. The probe's answer
+    # is forced both ways (RLHF_DS_CPU_BF16), so both branches run whatever processor the tests are on.
+    for launcher, nproc, cpu_bf16, expected in (("torchrun", 2, "absent", "fp32"), ("python", 1, "native", "bf16")):
         out = tmp_path / launcher
         proc = check_ok(run_cli(
             "train_rm.py", "--model_name_or_path", str(tiny_gpt2), "--do_train", "--dataset", "comparison_gpt4_en",
             "--max_samples", "64", "--output_dir", str(out), "--per_device_train_batch_size", "4", "--max_steps",
-            "2", "--zero_stage", "2", "--fp16", "--disable_tqdm", nproc=nproc, launcher=launcher))
-        assert f"{nproc} rank(s)" in proc.stdout and "bf16" in proc.stdout  # --fp16 runs as bf16 on CPU
-        assert (out / "value_head.json").exists()
+            "2", "--zero_stage", "2", "--fp16", "--disable_tqdm", nproc=nproc, launcher=launcher,
+            env={"RLHF_DS_CPU_BF16": cpu_bf16}))
+        assert f"{nproc} rank(s)" in proc.stdout
+        assert f"precision {expected} (asked: --fp16;" in proc.stdout  # the start-up line
+        assert f"ZeRO-2, {expected}, {nproc} rank(s)" in proc.stdout  # what the engine was built with
+        assert json.loads((out / "training_args.json").read_text())["precision"] == expected
+        starts = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "run"]
+        assert [r["precision"] for r in starts] == [expected] and starts[0]["precision_requested"] == "--fp16"
+        assert json.loads((out / "value_head.json").read_text())["precision"] == expected
 
 
 @pytest.mark.parametrize("case", ["bad_json", "bad_record", "too_few", "unknown_dataset", "unknown_flag"])
