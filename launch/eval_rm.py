@@ -3,11 +3,10 @@
 
     python launch/eval_rm.py --reward_model out/rm --dataset comparison_gpt4_en [--predictions_file p.jsonl]
 
-Writes eval_accuracy, eval_length_baseline_accuracy, eval_loss, eval_samples and score statistics as JSON
+Writes eval_accuracy beside eval_length_baseline_accuracy, eval_loss, eval_samples and score statistics as JSON
 (default REWARD_MODEL/eval_<dataset>.json). The logic lives in rlhf_ds/trainers/rm.py.
 """
-from rlhf_ds.errors import run_cli
-from rlhf_ds.trainers.rm import evaluate_main
+from rlhf_ds.cli import run_command
 
 if __name__ == "__main__":
-    run_cli(evaluate_main)
+    run_command("eval-rm")

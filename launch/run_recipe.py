@@ -3,22 +3,12 @@
 alpaca_gpt4_zh prompts -> OUTPUT/report.md. Sized by default to about 20 minutes on a 2-core CPU machine.
 
     python launch/run_recipe.py                                         # output/recipe/
-    python launch/run_recipe.py --model qwen2.5-coder-0.5b-instruct --output_dir output/qwen
+    python launch/run_recipe.py --model smollm2-135m-instruct --output_dir output/smol
     python launch/run_recipe.py --launcher "deepspeed --num_gpus 2"     # every stage on 2 ranks
 
 A stage that finished earlier is kept (--overwrite redoes it). The logic lives in rlhf_ds/recipe.py.
 """
-from rlhf_ds.errors import run_cli
-
-
-def main(argv=None) -> int:
-    from rlhf_ds.args import parse_args
-    from rlhf_ds.recipe import RecipeArguments, run_recipe
-
-    (args,) = parse_args(RecipeArguments, argv=argv)
-    run_recipe(args)
-    return 0
-
+from rlhf_ds.cli import run_command
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_command("recipe")

@@ -14,8 +14,18 @@ from typing import Any
 
 from rlhf_ds.errors import UserError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATASET_DIR = str(REPO_ROOT / "data")
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_DIR.parent
+
+
+def shipped_dir(name: str) -> Path:
+    """A folder shipped with rlhf_ds (data, ds_configs): at the repository root in a source checkout (and an
+    editable install); inside the package (rlhf_ds/_shipped/NAME) when installed from a wheel."""
+    installed = PACKAGE_DIR / "_shipped" / name
+    return installed if installed.is_dir() else REPO_ROOT / name
+
+
+DEFAULT_DATASET_DIR = str(shipped_dir("data"))
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_MAX_LENGTH = 1024
 
@@ -55,7 +65,7 @@ class DataArguments:
     dataset_dir: str = field(default=DEFAULT_DATASET_DIR, metadata={"help": "Folder of dataset_info.json."})
     dataset_format: str | None = field(
         default=None,
-        metadata={"help": "Format of unregistered files: ranked, pairwise, dialogue or alpaca (default: detect)."},
+        metadata={"help": "Format of unregistered files: ranked, pairwise, dialogue, alpaca or qa (default: detect)."},
     )
     max_length: int | None = field(
         default=None, metadata={"help": "Longest prompt+response in tokens, prompts cut from the left (default "
@@ -113,7 +123,8 @@ class TrainingArguments:
     do_train: bool = field(default=False, metadata={"help": "Train."})
     do_eval: bool = field(default=False, metadata={"help": "Evaluate at the end (needs --val_size or --eval_dataset)."})
     eval_before_train: bool = field(default=False, metadata={"help": "With --do_eval, also evaluate before training "
-                                                                     "(results as init_eval_*)."})
+                                                                     "(results as init_eval_*; on by default for "
+                                                                     "the online trainers)."})
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Examples per rank per micro-step."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-steps per optimizer step."})
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate."})
@@ -139,6 +150,8 @@ class TrainingArguments:
     seed: int = field(default=42, metadata={"help": "Seed for data order, initialisation and dropout."})
     group_by_length: bool = field(default=True, metadata={"help": "Batch examples of similar length together "
                                                                   "(less padding; still shuffled)."})
+    eval_steps: int = field(default=0, metadata={"help": "With --do_eval, also evaluate every N steps (0: at the "
+                                                          "end only; the online trainers default to 50)."})
     report_to: str = field(default="none", metadata={"help": "Extra tracker: none or tensorboard."})
     logging_dir: str | None = field(default=None, metadata={"help": "TensorBoard folder (default OUTPUT/runs)."})
     plot_loss: bool = field(default=False, metadata={"help": "Write training_loss.png at the end."})
@@ -146,6 +159,8 @@ class TrainingArguments:
     def __post_init__(self) -> None:
         _check_choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
         _check_choice("report_to", self.report_to, ("none", "tensorboard"))
+        if self.eval_steps < 0:
+            raise UserError(f"--eval_steps {self.eval_steps} must be >= 0")
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} {getattr(self, name)} must be >= 1")
@@ -199,20 +214,35 @@ class RuntimeArguments:
 
 
 @dataclass
-class PPOArguments:
-    """The PPO stage: its models, per-role memory controls, sampling, and the algorithm's coefficients."""
+class OnlineArguments:
+    """The online RL trainers (PPO, GRPO, RLOO, REINFORCE++): their models, per-role memory controls, sampling,
+    rewards, and the algorithm's coefficients. train_ppo.py and train_grpo.py differ only in their defaults."""
 
-    checkpoint_dir: str | None = field(default=None, metadata={"help": "The SFT stage's output: a LoRA adapter "
-                                                                       "(trained further) or a full model folder."})
+    sft_model: str | None = field(default=None, metadata={
+        "aliases": ["--checkpoint_dir"],
+        "help": "Where the policy starts: the SFT stage's output, a LoRA adapter (trained further) or a full model "
+                "folder (default: --model_name_or_path itself). --checkpoint_dir is the recipe's old spelling."})
     reward_model: str | None = field(default=None, metadata={"help": "A folder written by train_rm.py."})
-    reward_fn: str | None = field(default=None, metadata={"help": "module:function or file.py:function scoring "
-                                                                  "(prompt, response) instead of a reward model."})
+    reward_fn: str | None = field(default=None, metadata={
+        "help": "Reward functions, comma-separated: built-in names (math, format; see rlhf_ds/rewards.py) or "
+                "module:function / file.py:function taking (prompt, response[, reference])."})
+    reward_weights: str | None = field(default=None, metadata={
+        "help": "Comma-separated weights of the rewards summed into one score: the reward model first (if any), "
+                "then each --reward_fn in order (default: all 1)."})
+    advantage_estimator: str = field(default="gae", metadata={
+        "help": "gae (PPO, with a critic), grpo, dr_grpo, rloo, reinforce_pp or reinforce_pp_baseline (no critic)."})
+    n_samples_per_prompt: int = field(default=1, metadata={
+        "help": "Answers drawn per prompt in one generation call; a group's answers stay on one rank."})
+    policy_loss: str = field(default="ppo", metadata={"help": "ppo (clipped) or vanilla (policy gradient)."})
+    loss_agg: str = field(default="token_mean", metadata={
+        "help": "token_mean, seq_mean_token_mean or seq_mean_token_sum (no length normalisation, as Dr. GRPO)."})
     actor_learning_rate: float | None = field(default=None, metadata={"help": "Default: --learning_rate."})
     critic_learning_rate: float | None = field(default=None, metadata={"help": "Default: --learning_rate."})
     actor_zero_stage: int | None = field(default=None, metadata={"help": "2 or 3 (default --zero_stage)."})
     critic_zero_stage: int | None = field(default=None, metadata={"help": "2 or 3 (default --zero_stage)."})
     ref_zero_stage: int | None = field(default=None, metadata={"help": "Default: 3 if the actor's is 3, else 0."})
-    reward_zero_stage: int | None = field(default=None, metadata={"help": "Default: 3 if the critic's is 3, "
+    reward_zero_stage: int | None = field(default=None, metadata={"help": "Default: 3 if the critic's (or, "
+                                                                          "without a critic, the actor's) is 3, "
                                                                           "else 0."})
     offload_reference_model: bool = field(default=False, metadata={"help": "Reference parameters in CPU memory "
                                                                            "(with ZeRO-3)."})
@@ -233,34 +263,49 @@ class PPOArguments:
     fuse_experience: str = field(default="auto", metadata={
         "help": "auto: when a rollout makes one optimizer step from one micro-batch (--ppo_epochs 1, "
                 "--gradient_accumulation_steps 1), take the actor's old log-probs and the critic's old values from "
-                "the first training forward (detached; the weights have not moved yet) instead of two more forwards "
-                "in make_experience. off: always run those forwards."})
-    kl_estimator: str = field(default="k1", metadata={"help": "Per-token KL estimate in the reward: k1, k2 or k3."})
-    init_kl_coef: float = field(default=0.05, metadata={"help": "KL penalty coefficient (initial if adaptive)."})
+                "the first training forward (detached; the weights have not moved yet) instead of two more forwards. "
+                "off: always run those forwards."})
+    kl_estimator: str = field(default="k1", metadata={"help": "Per-token KL estimate: k1, k2 or k3."})
+    kl_in_loss: bool = field(default=False, metadata={"help": "The KL penalty in the policy loss (as GRPO) instead "
+                                                              "of in the per-token reward (as PPO)."})
+    init_kl_coef: float = field(default=0.05, metadata={"help": "KL penalty coefficient (initial if adaptive); 0 "
+                                                                "builds no reference engine."})
     target_kl: float | None = field(default=None, metadata={"help": "Adapt the coefficient towards this KL per "
                                                                     "response (off: fixed)."})
     kl_horizon: int = field(default=10000, metadata={"help": "Adaptive KL horizon in samples."})
-    gamma: float = field(default=1.0, metadata={"help": "GAE discount."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount (GAE, REINFORCE++)."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
-    whiten_advantages: bool = field(default=True, metadata={"help": "Normalise advantages over the rollout "
+    whiten_advantages: bool = field(default=True, metadata={"help": "GAE: normalise advantages over the rollout "
                                                                     "batch (all ranks)."})
-    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip."})
+    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip (both bounds)."})
+    cliprange_low: float | None = field(default=None, metadata={"help": "Lower ratio bound 1 - this (default "
+                                                                        "--cliprange)."})
+    cliprange_high: float | None = field(default=None, metadata={"help": "Upper ratio bound 1 + this (default "
+                                                                         "--cliprange; DAPO's clip-higher uses "
+                                                                         "0.28)."})
     cliprange_value: float = field(default=0.2, metadata={"help": "Value clip around the rollout's values."})
     vf_coef: float = field(default=0.1, metadata={"help": "Value-loss weight."})
-    normalize_reward: bool = field(default=True, metadata={"help": "Standardise RM scores with the RM's stored "
-                                                                   "mean/std, updated by running statistics."})
-    reward_clip: float = field(default=10.0, metadata={"help": "Clip normalised scores to +-this (0: off)."})
+    normalize_reward: bool = field(default=True, metadata={"help": "Standardise scores with running statistics "
+                                                                   "(started from the RM's stored mean/std)."})
+    reward_clip: float = field(default=10.0, metadata={"help": "Clip the (normalised) scores to +-this (0: off)."})
     missing_eos_penalty: float | None = field(default=None, metadata={"help": "Subtracted from the score of a "
                                                                               "response that never emits EOS."})
+    overlong_buffer: int = field(default=0, metadata={"help": "DAPO's soft overlong penalty: answers longer than "
+                                                              "--max_new_tokens minus this lose up to "
+                                                              "--overlong_penalty, linearly (0: off)."})
+    overlong_penalty: float = field(default=1.0, metadata={"help": "The most the overlong penalty subtracts."})
+    drop_uniform_groups: bool = field(default=False, metadata={"help": "Leave out of the update the groups whose "
+                                                                       "answers all got the same score (no signal; "
+                                                                       "counted in metrics.jsonl)."})
     ptx_coef: float = field(default=0.0, metadata={"help": "Weight of the supervised loss on the dataset's "
                                                            "reference answers in the actor loss (PPO-ptx)."})
     enable_ema: bool = field(default=False, metadata={"help": "Keep an exponential moving average of the actor."})
     ema_beta: float = field(default=0.992, metadata={"help": "EMA decay per optimizer step."})
-    eval_steps: int = field(default=50, metadata={"help": "Evaluate every N PPO steps (with --do_eval)."})
     num_samples_to_log: int = field(default=2, metadata={"help": "Responses written to samples.jsonl per log."})
-    hybrid_engine: str = field(default="ours", metadata={"help": "Actor generation: ours (gather once, no ZeRO "
-                                                                "hooks, merged LoRA), deepspeed (DeepSpeed's own, "
-                                                                "CUDA and a few architectures only) or off."})
+    hybrid_engine: str = field(default="on", metadata={"help": "Actor generation: on (rlhf_ds's hybrid engine: "
+                                                              "gather once, no ZeRO hooks, merged LoRA; 'ours' is "
+                                                              "accepted), deepspeed (DeepSpeed's own, CUDA and a "
+                                                              "few architectures only) or off."})
     hybrid_gather_layers: int = field(default=0, metadata={"help": "ZeRO-3: gather this many layers at a time "
                                                                    "while generating (0: the whole model once)."})
     hybrid_merge_lora: str = field(default="auto", metadata={"help": "Merge LoRA into the weights while "
@@ -268,6 +313,12 @@ class PPOArguments:
                                                                      "generates at least 128 tokens in all)."})
 
     def __post_init__(self) -> None:
+        from rlhf_ds.algo.advantages import ADVANTAGE_ESTIMATORS
+        from rlhf_ds.algo.kl import KL_ESTIMATORS
+        from rlhf_ds.algo.policy import LOSS_AGGREGATIONS, POLICY_LOSSES
+
+        if self.hybrid_engine == "ours":
+            self.hybrid_engine = "on"
         for name in ("actor_zero_stage", "critic_zero_stage"):
             value = getattr(self, name)
             if value is not None and value not in (2, 3):
@@ -276,17 +327,21 @@ class PPOArguments:
             value = getattr(self, name)
             if value is not None and value not in (0, 3):
                 raise UserError(f"--{name} {value}: choose 0 (a full copy per rank) or 3 (partitioned)")
-        if self.reward_model and self.reward_fn:
-            raise UserError("give either --reward_model or --reward_fn, not both")
-        _check_choice("kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
+        _check_choice("advantage_estimator", self.advantage_estimator, tuple(ADVANTAGE_ESTIMATORS))
+        _check_choice("policy_loss", self.policy_loss, tuple(POLICY_LOSSES))
+        _check_choice("loss_agg", self.loss_agg, tuple(LOSS_AGGREGATIONS))
+        _check_choice("kl_estimator", self.kl_estimator, tuple(KL_ESTIMATORS))
         _check_choice("fuse_experience", self.fuse_experience, ("auto", "off"))
-        _check_choice("hybrid_engine", self.hybrid_engine, ("ours", "deepspeed", "off"))
+        _check_choice("hybrid_engine", self.hybrid_engine, ("on", "deepspeed", "off"))
         _check_choice("hybrid_merge_lora", self.hybrid_merge_lora, ("auto", "on", "off"))
         if self.hybrid_gather_layers < 0:
             raise UserError(f"--hybrid_gather_layers {self.hybrid_gather_layers} must be >= 0")
-        for name in ("max_new_tokens", "max_prompt_length", "ppo_epochs", "eval_steps"):
+        for name in ("max_new_tokens", "max_prompt_length", "ppo_epochs", "n_samples_per_prompt"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} {getattr(self, name)} must be >= 1")
+        if ADVANTAGE_ESTIMATORS[self.advantage_estimator].grouped and self.n_samples_per_prompt < 2:
+            raise UserError(f"--advantage_estimator {self.advantage_estimator} compares the answers to one prompt: "
+                            f"give --n_samples_per_prompt 2 or more")
         if self.temperature <= 0:
             raise UserError(f"--temperature {self.temperature} must be > 0")
         if not 0 < self.top_p <= 1:
@@ -295,6 +350,50 @@ class PPOArguments:
             raise UserError(f"--target_kl {self.target_kl} must be > 0")
         if not 0 < self.ema_beta < 1:
             raise UserError(f"--ema_beta {self.ema_beta} must be in (0, 1)")
+        if self.init_kl_coef < 0:
+            raise UserError(f"--init_kl_coef {self.init_kl_coef} must be >= 0")
+        if self.ptx_coef < 0:
+            raise UserError(f"--ptx_coef {self.ptx_coef} must be >= 0")
+        if self.overlong_buffer < 0 or self.overlong_buffer >= self.max_new_tokens and self.overlong_buffer:
+            raise UserError(f"--overlong_buffer {self.overlong_buffer} must be in [0, --max_new_tokens "
+                            f"{self.max_new_tokens})")
+        self.cliprange_low = self.cliprange if self.cliprange_low is None else self.cliprange_low
+        self.cliprange_high = self.cliprange if self.cliprange_high is None else self.cliprange_high
+
+    @property
+    def needs_critic(self) -> bool:
+        from rlhf_ds.algo.advantages import ADVANTAGE_ESTIMATORS
+
+        return ADVANTAGE_ESTIMATORS[self.advantage_estimator].needs_critic
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.init_kl_coef > 0
+
+    def reward_fns(self) -> list[str]:
+        return [f.strip() for f in (self.reward_fn or "").split(",") if f.strip()]
+
+    def weights(self) -> list[float]:
+        """One weight per reward source: the reward model (if any), then each reward function."""
+        n = int(bool(self.reward_model)) + len(self.reward_fns())
+        if not self.reward_weights:
+            return [1.0] * n
+        try:
+            weights = [float(w) for w in self.reward_weights.split(",")]
+        except ValueError:
+            raise UserError(f"--reward_weights {self.reward_weights!r}: write comma-separated numbers") from None
+        if len(weights) != n:
+            raise UserError(f"--reward_weights has {len(weights)} weight(s) for {n} reward source(s) (the reward "
+                            f"model first, then each --reward_fn)")
+        return weights
+
+
+# The online trainers' defaults: train_ppo.py (GAE with a critic, KL in the reward) and train_grpo.py.
+PPO_DEFAULTS: dict[str, Any] = {"eval_steps": 50, "eval_before_train": True}
+GRPO_DEFAULTS: dict[str, Any] = {**PPO_DEFAULTS, "advantage_estimator": "grpo", "n_samples_per_prompt": 4,
+                                 "kl_in_loss": True, "kl_estimator": "k3", "init_kl_coef": 0.0,
+                                 "normalize_reward": False, "loss_agg": "seq_mean_token_mean",
+                                 "drop_uniform_groups": True, "temperature": 1.0}
 
 
 def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
@@ -325,19 +424,60 @@ def _config_file_to_argv(path: str) -> list[str]:
     return argv
 
 
-def parse_args(*groups: type, argv: list[str] | None = None) -> tuple[Any, ...]:
-    """Parse argv (default sys.argv[1:]) into one instance of each dataclass in `groups`."""
+# Flags that the shared groups give a stage which it has no use for: refused with a hint, never silently ignored.
+UNUSED_FLAGS: dict[str, dict[str, str]] = {
+    "sft": {"keep_ties": "SFT data has no pairs"},
+    "online": {
+        "keep_ties": "prompts have no pairs",
+        "gradient_checkpointing": "use --actor_gradient_checkpointing and --critic_gradient_checkpointing",
+        "max_length": "the online trainers use --max_prompt_length and --max_new_tokens",
+        "group_by_length": "prompts are not grouped by length in the online trainers",
+        "plot_loss": "the online trainers' curves are in metrics.jsonl (python -m rlhf_ds.report plots a recipe)",
+    },
+    "eval_rm.py": {
+        "deepspeed": "eval_rm.py builds an inference engine from --zero_stage and --offload",
+        "val_size": "eval_rm.py scores every pair of --dataset",
+        "eval_dataset": "give the file to score as --dataset",
+    },
+}
+STAGE_GROUPS = (ModelArguments, DataArguments, FinetuningArguments, TrainingArguments, RuntimeArguments)
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """The flag names written on a command line (--name, --name=value, and --no_name for a boolean)."""
+    names = set()
+    for arg in argv:
+        if arg.startswith("--"):
+            name = arg[2:].split("=", 1)[0]
+            names.add(name)
+            if name.startswith("no_"):
+                names.add(name[3:])
+    return names
+
+
+def parse_args(*groups: type, argv: list[str] | None = None, unused: str | None = None,
+               defaults: dict[str, Any] | None = None) -> tuple[Any, ...]:
+    """Parse argv (default sys.argv[1:]) into one instance of each dataclass in `groups`. `unused` names an entry of
+    UNUSED_FLAGS (flags refused for this stage); `defaults` are this stage's own defaults."""
     from transformers import HfArgumentParser
 
     argv = _drop_local_rank(list(sys.argv[1:] if argv is None else argv))
     if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml", ".json")):
         argv = _config_file_to_argv(argv[0]) + argv[1:]
+    for flag, hint in UNUSED_FLAGS.get(unused or "", {}).items():
+        if flag in given_flags(argv):
+            raise UserError(f"--{flag} is not used here: {hint}; remove it")
     parser = HfArgumentParser(groups, allow_abbrev=False)
+    if defaults:
+        parser.set_defaults(**defaults)
     # argparse's own errors (wrong type, missing value) exit with status 2 and a usage line: clear enough.
     parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     *values, remaining = parsed
     if remaining:
         raise UserError(f"unknown argument(s): {' '.join(remaining)} (see --help)")
+    given = given_flags(argv)
+    for value in values:  # which flags the user wrote, for checks that depend on other flags
+        value.given = {f.name for f in fields(value)} & given
     return tuple(values)
 
 

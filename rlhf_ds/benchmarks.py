@@ -22,9 +22,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dataclasses import dataclass
+
 import torch
 
 from rlhf_ds import dist
+from rlhf_ds.engines.sampling import SamplingSettings
+
+@dataclass
+class FixedLengthSampling(SamplingSettings):
+    """Benchmarks only: EOS suppressed, so every answer runs to max_new_tokens and both sides time the same work."""
+
+    def generation_kwargs(self) -> dict:
+        return {**super().generation_kwargs(), "suppress_tokens": list(self.eos_token_ids), "eos_token_id": None,
+                "min_new_tokens": self.max_new_tokens}
+
 
 OPT_7M = dict(arch="opt", hidden=256, layers=6, heads=4, ffn=1024, max_positions=512)
 VOCAB = 8192
@@ -77,7 +89,7 @@ def bench_generation(model: str, batch: int, prompt: int, new_tokens: int, repea
     from rlhf_ds.engines.ds_config import EngineSettings, engine_config
     from rlhf_ds.engines.factory import create_train_engine
     from rlhf_ds.engines.precision import resolve_precision
-    from rlhf_ds.engines.generation import PlainGenerator, SamplingSettings
+    from rlhf_ds.engines.generation import PlainGenerator
     from rlhf_ds.engines.hybrid import HybridEngine
     from rlhf_ds.models.loading import load_tokenizer, resolve_model_path
 
@@ -97,8 +109,8 @@ def bench_generation(model: str, batch: int, prompt: int, new_tokens: int, repea
     g = torch.Generator().manual_seed(dist.rank())
     ids = torch.randint(10, len(tok) - 10, (batch, prompt), generator=g).to(dist.device())
     mask = torch.ones_like(ids)
-    settings = SamplingSettings(max_new_tokens=new_tokens, eos_token_ids=[tok.eos_token_id],
-                                pad_token_id=tok.pad_token_id, do_sample=False, suppress_eos=True)
+    settings = FixedLengthSampling(max_new_tokens=new_tokens, eos_token_ids=[tok.eos_token_id],
+                                   pad_token_id=tok.pad_token_id, do_sample=False)
     plain, hybrid = PlainGenerator(engine), HybridEngine(engine)
     config = settings.generation_config()
 
@@ -124,52 +136,56 @@ def bench_generation(model: str, batch: int, prompt: int, new_tokens: int, repea
             "hybrid_over_hf": round(tps["zero3_hybrid"] / tps["hf_plain"], 2)}
 
 
-def bench_ppo_worker(stage: int, hybrid: str, steps: int, warmup: int) -> dict[str, Any]:
-    """One configuration of the PPO-step benchmark, run through the real PPO trainer."""
-    from rlhf_ds.args import (DataArguments, FinetuningArguments, ModelArguments, PPOArguments, RuntimeArguments,
-                              TrainingArguments, parse_args)
-    from rlhf_ds.trainers.ppo import PPOTrainer
+def bench_ppo_worker(stage: int, hybrid: str, steps: int, warmup: int, algo: str = "ppo") -> dict[str, Any]:
+    """One configuration of the step benchmark, run through the real online trainer: PPO (GAE, critic, KL in the
+    reward) or GRPO (4 answers per prompt, no critic, no reference: the KL coefficient is 0 as in TRL's default)."""
+    from dataclasses import asdict
+
+    from rlhf_ds.args import GRPO_DEFAULTS, PPO_DEFAULTS, STAGE_GROUPS, OnlineArguments, parse_args
+    from rlhf_ds.trainers.online.trainer import OnlineTrainer
 
     dist.init_distributed()
     root = Path(tempfile.gettempdir()) / "rlhf_ds_bench"
     with dist.main_process_first():
         policy, reward = workload_model(root)
-    out = root / f"ppo-zero{stage}-{hybrid}-{dist.world_size()}"
+    out = root / f"{algo}-zero{stage}-{hybrid}-{dist.world_size()}"
+    samples = 4 if algo == "grpo" else 1
     argv = ["--model_name_or_path", str(policy), "--reward_model", str(reward), "--do_train", "--dataset",
             "alpaca_gpt4_zh", "--max_samples", "64", "--output_dir", str(out), "--overwrite_output_dir",
             "--finetuning_type", "full", "--template", "plain", "--per_device_train_batch_size", "4",
             "--gradient_accumulation_steps", "1", "--ppo_epochs", "1", "--max_prompt_length", "64",
             "--max_new_tokens", "64", "--bf16", "--zero_stage", str(stage), "--hybrid_engine", hybrid,
             "--max_steps", str(steps + warmup), "--save_steps", "0", "--disable_tqdm", "--learning_rate", "1e-5",
-            "--logging_steps", str(10 ** 6)]
-    trainer = PPOTrainer(*parse_args(ModelArguments, DataArguments, FinetuningArguments, TrainingArguments,
-                                     RuntimeArguments, PPOArguments, argv=argv))
+            "--logging_steps", str(10 ** 6), "--n_samples_per_prompt", str(samples)]
+    defaults = GRPO_DEFAULTS if algo == "grpo" else PPO_DEFAULTS
+    trainer = OnlineTrainer(*parse_args(*STAGE_GROUPS, OnlineArguments, argv=argv, unused="online",
+                                        defaults=defaults))
     trainer.setup()
-    trainer.sampling.suppress_eos = True  # every answer 64 tokens
+    trainer.maker.sampling = FixedLengthSampling(**asdict(trainer.maker.sampling))  # every answer 64 tokens
     g = torch.Generator().manual_seed(dist.rank())
     rows_by_key: dict[str, list[float]] = {"generation": [], "experience": [], "training": [], "total": []}
     for step in range(warmup + steps):
         rows = [{"prompt_ids": torch.randint(10, VOCAB - 10, (64,), generator=g).tolist(), "prompt_text": "",
-                 "input_ids": [1, 2], "prompt_len": 1} for _ in range(4)]
+                 "reference_text": "", "input_ids": [1, 2], "prompt_len": 1} for _ in range(4)]
         dist.barrier()
         t0 = time.time()
-        rollout, stats = trainer.make_experience(rows)
-        t1 = time.time()
-        trainer.train_on(rollout, stats)
+        stats = trainer.train_step([rows])
         dist.barrier()
-        t2 = time.time()
-        assert rollout.mask.sum().item() == 4 * 64, "every answer must have 64 tokens"
+        total = time.time() - t0
+        assert stats["tokens"] == 4 * samples * 64, "every answer must have 64 tokens"
         if step >= warmup:
             rows_by_key["generation"].append(stats["time_gather"] + stats["time_generation"])
             rows_by_key["experience"].append(stats["time_experience"])
-            rows_by_key["training"].append(t2 - t1)
-            rows_by_key["total"].append(t2 - t0)
+            rows_by_key["training"].append(stats["time_training"])
+            rows_by_key["total"].append(total)
     medians = {f"{k}_s": round(statistics.median(v), 3) for k, v in rows_by_key.items()}
-    return {"system": "rlhf_ds", "zero_stage": stage, "world_size": dist.world_size(), "hybrid_engine": hybrid,
-            **medians, **trainer.prec.record(), **machine()}
+    return {"system": "rlhf_ds", "algo": algo, "zero_stage": stage, "world_size": dist.world_size(),
+            "hybrid_engine": hybrid, "prompts_per_rank": 4, "samples_per_prompt": samples, **medians,
+            **trainer.precision.record(), **machine()}
 
 
-def run_ppo_matrix(stages: list[int], worlds: list[int], hybrids: list[str], steps: int, warmup: int) -> dict:
+def run_ppo_matrix(stages: list[int], worlds: list[int], hybrids: list[str], steps: int, warmup: int,
+                   algo: str = "ppo") -> dict:
     """Start one torchrun per configuration (OMP_NUM_THREADS=1) and collect their JSON lines."""
     results = []
     for world in worlds:
@@ -178,10 +194,9 @@ def run_ppo_matrix(stages: list[int], worlds: list[int], hybrids: list[str], ste
                 with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
                     result_file = f.name
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-                       "--master_addr", "127.0.0.1", "--master_port", str(dist.free_port()),
-                       str(Path(__file__).resolve().parents[1] / "launch" / "bench_ppo.py"), "--worker",
-                       "--zero_stage", str(stage), "--hybrid_engine", hybrid, "--steps", str(steps),
-                       "--warmup", str(warmup), "--result_file", result_file]
+                       "--master_addr", "127.0.0.1", "--master_port", str(dist.free_port()), "-m", "rlhf_ds.cli",
+                       "bench-ppo", "--worker", "--algo", algo, "--zero_stage", str(stage), "--hybrid_engine", hybrid,
+                       "--steps", str(steps), "--warmup", str(warmup), "--result_file", result_file]
                 env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", ""),
                        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
                 env = {k: v for k, v in env.items() if v != "" and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -191,7 +206,56 @@ def run_ppo_matrix(stages: list[int], worlds: list[int], hybrids: list[str], ste
                 results.append(json.loads(Path(result_file).read_text()))
                 Path(result_file).unlink()
                 print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-    return {"bench": "ppo_step", "workload": "opt-7m, 4 prompts x 64 tokens per process, 64 new tokens, --bf16 "
+    return {"bench": f"{algo}_step", "workload": "opt-7m, 4 prompts x 64 tokens per process, 64 new tokens, --bf16 "
                                              "(bf16 where the processor runs it fast, else fp32), "
                                              "OMP_NUM_THREADS=1, median of steps after warm-up",
             "steps": steps, "warmup": warmup, "results": results}
+
+
+def main_generation(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="bench_generation.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="opt-7m", help="opt-7m (random, built here), a folder or a built-in name")
+    parser.add_argument("--batch", type=int, default=4, help="prompts per rank")
+    parser.add_argument("--prompt", type=int, default=64, help="prompt tokens")
+    parser.add_argument("--new_tokens", type=int, default=64, help="tokens generated per prompt (EOS suppressed)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median)")
+    parser.add_argument("--fp32", action="store_true", help="fp32 instead of --bf16 (bf16 where it is fast)")
+    parser.add_argument("--stage3_param_persistence_threshold", type=int, default=10000)
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    result = bench_generation(args.model, args.batch, args.prompt, args.new_tokens, args.repeats, not args.fp32,
+                              args.stage3_param_persistence_threshold)
+    if dist.is_main():
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+def main_ppo(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="bench_ppo.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--algo", default="ppo", choices=("ppo", "grpo"))
+    parser.add_argument("--stages", default="2,3")
+    parser.add_argument("--worlds", default="1,2")
+    parser.add_argument("--hybrid", default="off,on", help="hybrid engine modes to compare")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--zero_stage", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--hybrid_engine", default="on", help=argparse.SUPPRESS)
+    parser.add_argument("--result_file", help=argparse.SUPPRESS)
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        result = bench_ppo_worker(args.zero_stage, args.hybrid_engine, args.steps, args.warmup, args.algo)
+        if dist.is_main():
+            Path(args.result_file).write_text(json.dumps(result))
+        return 0
+    summary = run_ppo_matrix([int(s) for s in args.stages.split(",")], [int(w) for w in args.worlds.split(",")],
+                             args.hybrid.split(","), args.steps, args.warmup, args.algo)
+    print(json.dumps(summary), flush=True)
+    return 0

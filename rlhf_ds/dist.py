@@ -184,14 +184,6 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    if not tdist.is_initialized() or world_size() == 1:
-        return obj
-    box = [obj]
-    tdist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum over ranks; returned on the tensor's own device (the reduction runs on the accelerator, since NCCL
     cannot reduce CPU tensors)."""

@@ -25,7 +25,7 @@ import threading
 import uuid
 from pathlib import Path
 
-from rlhf_ds.errors import UserError, run_cli
+from rlhf_ds.errors import UserError
 
 # Runs on each host with `python -c`: prints one JSON line. Kept to the standard library plus what it checks.
 PROBE = r'''
@@ -285,4 +285,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    from rlhf_ds.cli import run_command
+
+    run_command("preflight")

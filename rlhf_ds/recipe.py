@@ -99,17 +99,17 @@ def stage_commands(args: RecipeArguments, out: Path, sft_file: Path, ppo_file: P
     precision = ["--bf16"] if args.precision == "auto" else ["--precision", args.precision]
     common = ["--model_name_or_path", args.model, "--do_train", "--finetuning_type", "lora", *precision,
               "--lr_scheduler_type", "cosine", "--seed", str(args.seed), "--save_steps", "0", "--logging_steps", "2",
-              "--plot_loss", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2"]
+              "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2"]
     return {
-        "sft": ["train_sft.py", *common, "--dataset", str(sft_file), "--output_dir", str(out / "sft"),
+        "sft": ["train_sft.py", *common, "--plot_loss", "--dataset", str(sft_file), "--output_dir", str(out / "sft"),
                 "--do_eval", "--eval_before_train", "--val_size", str(args.sft_eval),
                 "--num_train_epochs", str(args.sft_epochs), "--learning_rate", str(args.sft_learning_rate),
                 "--max_length", str(args.max_length), "--warmup_ratio", "0.05", *shlex.split(args.sft_args)],
-        "rm": ["train_rm.py", *common, "--dataset", args.rm_dataset, "--max_samples", str(args.rm_pairs),
+        "rm": ["train_rm.py", *common, "--plot_loss", "--dataset", args.rm_dataset, "--max_samples", str(args.rm_pairs),
                "--output_dir", str(out / "rm"), "--do_eval", "--val_size", str(args.rm_eval),
                "--num_train_epochs", "1", "--learning_rate", str(args.rm_learning_rate),
                "--max_length", str(args.max_length), "--warmup_ratio", "0.05", *shlex.split(args.rm_args)],
-        "ppo": ["train_ppo.py", *common, "--dataset", str(ppo_file), "--checkpoint_dir", str(out / "sft"),
+        "ppo": ["train_ppo.py", *common, "--dataset", str(ppo_file), "--sft_model", str(out / "sft"),
                 "--reward_model", str(out / "rm"), "--output_dir", str(out / "ppo"), "--do_eval",
                 "--val_size", str(args.ppo_eval_prompts), "--eval_steps", str(args.ppo_steps),
                 "--max_steps", str(args.ppo_steps), "--learning_rate", str(args.ppo_learning_rate),
@@ -119,6 +119,7 @@ def stage_commands(args: RecipeArguments, out: Path, sft_file: Path, ppo_file: P
     }
 
 
+COMMAND_OF = {"train_sft.py": "train-sft", "train_rm.py": "train-rm", "train_ppo.py": "train-ppo"}
 FINISHED = {"sft": "train_results.json", "rm": "value_head.json", "ppo": "train_results.json"}
 TITLES = {"sft": "1/3 supervised fine-tuning", "rm": "2/3 reward model", "ppo": "3/3 PPO"}
 
@@ -126,9 +127,14 @@ TITLES = {"sft": "1/3 supervised fine-tuning", "rm": "2/3 reward model", "ppo": 
 def run_stage(name: str, command: list[str], args: RecipeArguments, out: Path) -> float:
     """Run one stage through the launcher, streaming its output to the console and to OUTPUT/logs/NAME.log."""
     script, flags = command[0], command[1:]
-    cmd = [*shlex.split(args.launcher), str(REPO_ROOT / "launch" / script), *flags]
-    if shlex.split(args.launcher)[0] == "python":
-        cmd[0] = sys.executable
+    launcher = shlex.split(args.launcher)
+    if launcher[0] == "python":
+        launcher[0] = sys.executable
+    if (REPO_ROOT / "launch" / script).is_file():  # a source checkout: the scripts a user would run by hand
+        cmd = [*launcher, str(REPO_ROOT / "launch" / script), *flags]
+    else:  # an installed package: the same command as a module
+        module = {"deepspeed": ["--module"], "torchrun": ["-m"]}.get(Path(launcher[0]).name, ["-m"])
+        cmd = [*launcher, *module, "rlhf_ds.cli", COMMAND_OF[script], *flags]
     if args.overwrite:
         cmd.append("--overwrite_output_dir")
     log = out / "logs" / f"{name}.log"
@@ -185,3 +191,11 @@ def _print_summary(out: Path, report: Path, state: dict, seconds: float) -> None
     print(f"  PPO  win rate vs reference {first['eval_win_rate']:.3f} -> {last['eval_win_rate']:.3f}   "
           f"KL {first['eval_kl']:.2f} -> {last['eval_kl']:.2f}")
     print(f"  chat with the result:  python launch/chat.py --model {out / 'ppo'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rlhf_ds.args import parse_args
+
+    (args,) = parse_args(RecipeArguments, argv=argv)
+    run_recipe(args)
+    return 0

@@ -151,7 +151,7 @@ class LineProgress:
     def line(self) -> str:
         now = time.time()
         done = self.n - self.first
-        head = f"{self.desc}: {self.n}/{self.total} {self.unit}s"
+        head = f"{self.desc}: {self.n}/{self.total} {self.unit}{'es' if self.unit.endswith('ch') else 's'}"
         parts = [f"{_duration(now - self.started)} elapsed"]
         if done > 0:
             per = (now - self.started) / done

@@ -55,7 +55,7 @@ def test_recipe_shell_scripts_run_under_python_and_the_deepspeed_launcher(tiny_l
     runs = [("train_sft.sh", {"OUT": str(tmp_path / "sft")}),
             ("train_rm.sh", {"OUT": str(tmp_path / "rm"), "LAUNCHER": "deepspeed --num_gpus 2"}),
             ("train_ppo.sh", {"OUT": str(tmp_path / "ppo"), "SFT": str(tmp_path / "sft"), "RM": str(tmp_path / "rm"),
-                              "EXTRA_ARGS": quick + " --max_new_tokens 4 --max_prompt_length 32"})]
+                              "EXTRA_ARGS": quick.replace("--max_length 64", "--max_new_tokens 4 --max_prompt_length 32")})]
     for script, env in runs:
         env = {**base_env, "EXTRA_ARGS": quick, **env}
         proc = subprocess.run(["bash", str(REPO / "launch" / "recipe" / script)], capture_output=True, text=True,

@@ -8,7 +8,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def readme_commands() -> list[str]:
     text = (REPO / "README.md").read_text(encoding="utf-8")
-    return re.findall(r"```bash\n(.+?)\n```", text.split("## Layout")[0])
+    return re.findall(r"```bash\n(.+?)\n```", text.split("## Two commands")[1].split("\n## ")[0], re.S)
 
 
 def test_readme_opens_with_two_commands_and_ci_runs_the_second():

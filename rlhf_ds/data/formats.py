@@ -9,6 +9,7 @@ Layouts:
   pairwise  {"instruction", "input", "chosen", "rejected"}
   dialogue  {"chosen", "rejected"} as "\\n\\nHuman: ... \\n\\nAssistant: ..." transcripts
   alpaca    {"instruction", "input", "output": str}
+  qa        {"question", "answer"}        a question and its reference answer (GSM8K)
 ranked / pairwise / alpaca may also carry "system" (str) and "history" ([[question, answer], ...]).
 """
 from __future__ import annotations
@@ -33,13 +34,16 @@ class RecordError(UserError):
 def detect_format(first_record: dict[str, Any], source: str) -> str:
     """Pick the layout from the keys and value types of the file's first record."""
     keys = {k for k, v in first_record.items() if v is not None}
+    if "question" in keys and "answer" in keys:
+        return "qa"
     if "output" in keys:
         return "ranked" if isinstance(first_record["output"], list) else "alpaca"
     if "chosen" in keys and "rejected" in keys:
         return "pairwise" if "instruction" in keys else "dialogue"
     raise UserError(
         f"{source}: cannot tell the layout from the first record's keys {sorted(keys)}; expected \"output\" (ranked "
-        f"list or alpaca string) or \"chosen\"/\"rejected\". Pass --dataset_format ranked|pairwise|dialogue|alpaca.")
+        f"list or alpaca string), \"chosen\"/\"rejected\" or \"question\"/\"answer\". Pass --dataset_format "
+        f"ranked|pairwise|dialogue|alpaca|qa.")
 
 
 def _text(record: dict, key: str, source: str, index: int, *, allow_empty: bool = False,
@@ -145,13 +149,16 @@ def _preference_rows(fmt: str, record: dict, source: str, index: int) -> list[tu
             raise RecordError(source, index, "an answer is empty after the shared prompt",
                               "each transcript must end with an assistant answer")
         return [(prompt, c, r)]
-    raise UserError(f"{source}: the {fmt} layout has one answer per prompt; the reward-model stage needs ranked "
-                    f"or paired answers (ranked, pairwise or dialogue)")
+    raise UserError(f"{source}: the {fmt} layout has one answer per prompt; a preference stage needs ranked or "
+                    f"paired answers (ranked, pairwise or dialogue)")
 
 
 def _sft_row(fmt: str, record: dict, source: str, index: int) -> tuple[list, str]:
     if fmt == "alpaca":
         return _instruction_messages(record, source, index), _text(record, "output", source, index)
+    if fmt == "qa":
+        return [{"role": "user", "content": _text(record, "question", source, index)}], \
+            _text(record, "answer", source, index)
     prompt, best, _ = _preference_rows(fmt, record, source, index)[0]
     return prompt, best
 

@@ -230,15 +230,15 @@ def tokenize_sft(examples: datasets.Dataset, tokenizer, template: str, max_lengt
 
 def tokenize_prompts(examples: datasets.Dataset, tokenizer, template: str, max_prompt_length: int,
                      max_length: int, report: DataReport | None = None, name: str = "prompts") -> datasets.Dataset:
-    """For PPO: prompt_ids (cut from the left to max_prompt_length) to generate from, prompt_text (the last user
-    message, for reward functions and samples), and the reference answer as input_ids / prompt_len (for PPO-ptx
-    and the win rate against it)."""
+    """For the online trainers: prompt_ids (cut from the left to max_prompt_length) to generate from, prompt_text
+    (the last user message, for reward functions and samples), the reference answer as reference_text (for reward
+    functions that check against it) and as input_ids / prompt_len (for PPO-ptx and the win rate against it)."""
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         prompts = _encode_prompts(tokenizer, batch["prompt"], template)
         answers = _encode_responses(tokenizer, batch["response"])
-        out: dict[str, list] = {"prompt_ids": [], "prompt_text": [], "input_ids": [], "prompt_len": [],
-                                "prompt_cut": [], "answer_cut": []}
+        out: dict[str, list] = {"prompt_ids": [], "prompt_text": [], "reference_text": batch["response"],
+                                "input_ids": [], "prompt_len": [], "prompt_cut": [], "answer_cut": []}
         for messages, p, r in zip(batch["prompt"], prompts, answers):
             out["prompt_ids"].append(p[-max_prompt_length:])
             out["prompt_text"].append(messages[-1]["content"])

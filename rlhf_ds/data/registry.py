@@ -15,7 +15,7 @@ from rlhf_ds.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("ranked", "pairwise", "dialogue", "alpaca")
+FORMATS = ("ranked", "pairwise", "dialogue", "alpaca", "qa")
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf_ds.args import REPO_ROOT
+from rlhf_ds.args import shipped_dir
 from rlhf_ds.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = REPO_ROOT / "ds_configs"
+CONFIG_DIR = shipped_dir("ds_configs")
 
 
 def on_cpu() -> bool:

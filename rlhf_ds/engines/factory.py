@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from rlhf_ds.engines.precision import config_dtype
@@ -63,6 +62,3 @@ def create_inference_engine(model: nn.Module, ds_config: dict[str, Any]):
     engine.eval()
     return engine
 
-
-def zero_stage(engine) -> int:
-    return engine.zero_optimization_stage()

@@ -3,37 +3,13 @@ evaluation; `build_generator` picks the plain path or a hybrid engine (engines/h
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import torch
 
 from rlhf_ds import dist
+from rlhf_ds.engines.hybrid import DeepSpeedHybridGenerator, HybridEngine
+from rlhf_ds.engines.sampling import SamplingSettings
 from rlhf_ds.errors import UserError
-
-
-@dataclass
-class SamplingSettings:
-    max_new_tokens: int
-    eos_token_ids: list[int]
-    pad_token_id: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    do_sample: bool = True
-    suppress_eos: bool = False  # benchmarks: every answer runs to max_new_tokens
-    extra: dict = field(default_factory=dict)
-
-    def generation_config(self):
-        from transformers import GenerationConfig
-
-        kwargs = dict(max_new_tokens=self.max_new_tokens, eos_token_id=self.eos_token_ids,
-                      pad_token_id=self.pad_token_id, do_sample=self.do_sample, use_cache=True, **self.extra)
-        if self.do_sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-        if self.suppress_eos:
-            kwargs.update(suppress_tokens=list(self.eos_token_ids), eos_token_id=None,
-                          min_new_tokens=self.max_new_tokens)
-        return GenerationConfig(**kwargs)
 
 
 class PlainGenerator:
@@ -62,15 +38,13 @@ class PlainGenerator:
         return sequences[:, input_ids.shape[1]:]
 
 
-def build_generator(engine, mode: str = "ours", gather_layers: int = 0, merge_lora: str = "auto"):
-    """'ours': rlhf_ds's hybrid engine; 'deepspeed': DeepSpeed's (its config must have been enabled when the
+def build_generator(engine, mode: str = "on", gather_layers: int = 0, merge_lora: str = "auto"):
+    """'on': rlhf_ds's hybrid engine; 'deepspeed': DeepSpeed's (its config must have been enabled when the
     engine was built); 'off': the plain path."""
-    from rlhf_ds.engines.hybrid import DeepSpeedHybridGenerator, HybridEngine
-
     if mode == "off":
         return PlainGenerator(engine)
-    if mode == "ours":
+    if mode == "on":
         return HybridEngine(engine, gather_layers=gather_layers, merge_lora=merge_lora)
     if mode == "deepspeed":
         return DeepSpeedHybridGenerator(engine)
-    raise UserError(f"--hybrid_engine {mode!r}: choose ours, deepspeed or off")
+    raise UserError(f"--hybrid_engine {mode!r}: choose on, deepspeed or off")

@@ -26,13 +26,8 @@ from typing import Iterator
 
 import torch
 
-from rlhf_ds.engines.generation import SamplingSettings
-
-
-def zero_offload(engine):
-    """The DeepSpeedZeRoOffload object that owns a ZeRO-3 engine's module hooks."""
-    opt = engine.optimizer
-    return opt.parameter_offload if hasattr(opt, "parameter_offload") else opt
+from rlhf_ds.engines.ds_compat import hybrid_gather_latency, plain_linear, remove_zero3_hooks, restore_zero3_hooks
+from rlhf_ds.engines.sampling import SamplingSettings
 
 
 def _hf_model(model):
@@ -46,26 +41,6 @@ def _hf_model(model):
 MERGE_MIN_TOKENS = 128
 
 
-@contextlib.contextmanager
-def plain_linear() -> Iterator[None]:
-    """torch's own linear for a stretch of work without backward. ZeRO-3 replaces torch.nn.functional.linear,
-    process-wide and for good, with an autograd Function that keeps less for backward (`memory_efficient_linear`);
-    without a backward that buys nothing, and its separate matmul + add cost 105 us a call against 62 us for the
-    fused kernel in bench_ppo's decode steps. Used for rollouts and the experience forwards."""
-    from deepspeed.runtime.zero.linear import zero3_linear_wrap
-    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as Patcher
-
-    functional = torch.nn.functional
-    if functional.linear is not zero3_linear_wrap or not hasattr(Patcher, "linear_bk") or torch.is_grad_enabled():
-        yield
-        return
-    functional.linear = Patcher.linear_bk
-    try:
-        yield
-    finally:
-        functional.linear = zero3_linear_wrap
-
-
 class HybridEngine:
     """Generation mode around a DeepSpeed actor engine. `generate` has the plain generator's signature."""
 
@@ -76,25 +51,17 @@ class HybridEngine:
         self.gather_layers = gather_layers if self.zero3 else 0
         # with layer-by-layer gathering the adapters' base weights are not all gathered at once: never merge
         self.merge_lora = "off" if self.gather_layers else merge_lora
-        from peft import PeftModel
+        from rlhf_ds.models.finetuning import is_lora
 
-        self.is_peft = isinstance(self.model, PeftModel)
+        self.is_peft = is_lora(self.model)
         self.timings = {"gather": 0.0, "generation": 0.0}
 
     # ---------------------------------------------------------------------------------------- ZeRO-3 hooks
     def _remove_zero_hooks(self) -> None:
-        offload = zero_offload(self.engine)
-        for p in self.model.parameters():
-            p.ds_active_sub_modules.clear()
-        for hook in offload.forward_hooks + offload.backward_hooks:
-            hook.remove()
-        offload.forward_hooks, offload.backward_hooks = [], []
+        remove_zero3_hooks(self.engine, self.model)
 
     def _restore_zero_hooks(self) -> None:
-        # count=[0] numbers the modules exactly as at engine creation (the default list keeps counting up);
-        # re-registering also invalidates the parameter coordinator's trace, so it re-records next forward.
-        offload = zero_offload(self.engine)
-        offload._register_deepspeed_module(offload.module, count=[0])
+        restore_zero3_hooks(self.engine)
 
     # --------------------------------------------------------------------------------------------- gathering
     def _gather_whole(self, stack: contextlib.ExitStack) -> None:
@@ -347,6 +314,6 @@ class DeepSpeedHybridGenerator:
                                              generation_config=settings.generation_config(), synced_gpus=False)
         finally:
             self.engine.train()
-        self.timings["gather"] = getattr(self.engine, "_gather_latency", 0.0)
+        self.timings["gather"] = hybrid_gather_latency(self.engine)
         self.timings["generation"] = time.time() - t0 - self.timings["gather"]
         return sequences[:, input_ids.shape[1]:]

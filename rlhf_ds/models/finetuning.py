@@ -52,6 +52,13 @@ def apply_finetuning(model: nn.Module, args: FinetuningArguments, task_type: str
         raise UserError(f"--lora_target {args.lora_target}: {err}") from None
 
 
+def is_lora(model: nn.Module) -> bool:
+    """Whether a model trains LoRA adapters: a peft model, or a scalar-head model on a peft backbone."""
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel) or isinstance(getattr(model, "backbone", None), PeftModel)
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; under ZeRO-3 the full sizes (ds_numel), not the local shards."""
     trainable = total = 0

@@ -53,12 +53,6 @@ class ScalarHeadModel(nn.Module):
         return gather_last(self(input_ids, attention_mask), attention_mask)
 
 
-def is_lora(model: ScalarHeadModel) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model.backbone, PeftModel)
-
-
 def save_scalar_model(model: ScalarHeadModel, state_dict: dict[str, torch.Tensor], out_dir: Path,
                       meta: dict[str, Any], tokenizer=None) -> None:
     """Write `model` with the (gathered) `state_dict` into out_dir; value_head.json comes last."""

@@ -1,6 +1,7 @@
 """Reward-model stage: learn a scalar score from ranked answer pairs with -log sigmoid(r_chosen - r_rejected).
 
-The recipe (setup -> train -> evaluate -> save) is trainers/base.py; this file says what is particular to it.
+The life of the run is trainers/base.py and its step trainers/supervised.py; this file says what is particular to
+the reward model.
 `score_pairs` and `pair_metrics` are also used by launch/eval_rm.py, so the scores at the end of training and a
 later evaluation come from the same code.
 """
@@ -18,19 +19,18 @@ import rlhf_ds
 from rlhf_ds import dist
 from rlhf_ds.algo.losses import pairwise_loss
 from rlhf_ds.algo.sequence import gather_last
-from rlhf_ds.args import (DEFAULT_MAX_LENGTH, DataArguments, FinetuningArguments, ModelArguments, RuntimeArguments,
-                          TrainingArguments, parse_args)
+from rlhf_ds.args import DEFAULT_MAX_LENGTH, STAGE_GROUPS, DataArguments, RuntimeArguments, parse_args
 from rlhf_ds.checkpoint import gather_state_dict
 from rlhf_ds.data.collate import PairCollator, even_shards
 from rlhf_ds.data.loading import DataReport, load_examples, tokenize_preference
 from rlhf_ds.engines.ds_config import EngineSettings, engine_config
-from rlhf_ds.engines.precision import dtype_of, resolve_precision, run_precision
+from rlhf_ds.engines.precision import resolve_precision, run_precision
 from rlhf_ds.errors import UserError
-from rlhf_ds.models.finetuning import apply_finetuning
-from rlhf_ds.models.heads import HEAD_META, ScalarHeadModel, is_lora, save_scalar_model
+from rlhf_ds.models.finetuning import apply_finetuning, is_lora
+from rlhf_ds.models.heads import HEAD_META, ScalarHeadModel, save_scalar_model
 from rlhf_ds.models.loading import load_backbone, load_tokenizer
 from rlhf_ds.tracking import progress, setup_logging
-from rlhf_ds.trainers.base import StageTrainer
+from rlhf_ds.trainers.supervised import SupervisedTrainer
 
 logger = logging.getLogger("rlhf_ds.rm")
 
@@ -99,7 +99,7 @@ def write_predictions(path: Path, dataset, chosen: list[float], rejected: list[f
 # ------------------------------------------------------------------------------------------------- the recipe
 
 
-class RewardTrainer(StageTrainer):
+class RewardTrainer(SupervisedTrainer):
     name = "reward model"
     kind = "preference"
     unit = "pairs"
@@ -116,7 +116,7 @@ class RewardTrainer(StageTrainer):
         return ["chosen_ids", "rejected_ids"]
 
     def build_model(self) -> ScalarHeadModel:
-        backbone = load_backbone(self.model_path, dtype_of(self.precision), self.ds_config)
+        backbone = load_backbone(self.model_path, self.precision.dtype, self.ds_config)
         if self.model_args.gradient_checkpointing:
             backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return ScalarHeadModel(apply_finetuning(backbone, self.ft_args))
@@ -129,14 +129,14 @@ class RewardTrainer(StageTrainer):
                                                  "chosen_score": chosen.mean().item(),
                                                  "rejected_score": rejected.mean().item()}
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, step: int) -> dict[str, float]:
         chosen, rejected = score_pairs(self.engine, self.eval_set, self.rt.per_device_eval_batch_size,
                                        self.collator, desc="evaluating", disable_tqdm=self.rt.disable_tqdm)
         results = pair_metrics(chosen, rejected, self.eval_set["chosen"], self.eval_set["rejected"])
         self.metrics.update(results)
         if dist.is_main():
             write_predictions(self.out / "eval_predictions.jsonl", self.eval_set, chosen, rejected)
-        self.tracker.log(results, self.metrics.get("train_steps", 0), kind="eval")
+        self.tracker.log(results, step, kind="eval")
         logger.info("eval: accuracy %.4f (length-only baseline %.4f) loss %.4f on %d pairs; scores mean %.4f "
                     "std %.4f", results["eval_accuracy"], results["eval_length_baseline_accuracy"],
                     results["eval_loss"], results["eval_samples"], results["eval_score_mean"],
@@ -159,15 +159,16 @@ class RewardTrainer(StageTrainer):
         name = self.model_args.model_name_or_path
         base = str(Path(name).resolve()) if Path(name).expanduser().is_dir() else name
         meta = {"kind": "reward", "base_model": base, "finetuning_type": self.ft_args.finetuning_type,
-                "template": self.template, "max_length": self.max_length, "precision": self.precision,
+                "template": self.template, "max_length": self.max_length, "precision": self.precision.name,
                 "rlhf_ds_version": rlhf_ds.__version__}
         return {**meta, **self.score_stats} if final else meta
 
-    def gather_model(self) -> dict[str, torch.Tensor] | None:
+    def gather_models(self) -> dict[str, torch.Tensor] | None:
         return gather_state_dict(self.engine, trainable_only=is_lora(self.engine.module))
 
-    def write_model(self, folder: Path, state: dict[str, torch.Tensor], final: bool) -> None:
-        save_scalar_model(self.engine.module, state, folder, self._meta(final), self.tokenizer)
+    def write_models(self, folder: Path, state: dict[str, torch.Tensor], final: bool) -> None:
+        save_scalar_model(self.engine.module, state, folder if final else folder / "model", self._meta(final),
+                          self.tokenizer)
 
     def save(self) -> None:
         self.score_stats = self._score_stats()  # collective: every rank scores before rank 0 writes
@@ -175,9 +176,7 @@ class RewardTrainer(StageTrainer):
 
 
 def main(argv: list[str] | None = None) -> int:
-    groups = parse_args(ModelArguments, DataArguments, FinetuningArguments, TrainingArguments, RuntimeArguments,
-                        argv=argv)
-    return RewardTrainer(*groups).run()
+    return RewardTrainer(*parse_args(*STAGE_GROUPS, argv=argv)).run()
 
 
 # ------------------------------------------------------------------------------------- evaluating a saved RM
@@ -197,7 +196,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     from rlhf_ds.engines.factory import create_inference_engine
     from rlhf_ds.models.heads import load_scalar_model, read_head_meta
 
-    ev, data_args, rt = parse_args(RewardEvalArguments, DataArguments, RuntimeArguments, argv=argv)
+    ev, data_args, rt = parse_args(RewardEvalArguments, DataArguments, RuntimeArguments, argv=argv, unused="eval_rm.py")
     dist.init_distributed(rt.dist_timeout)
     setup_logging()
     if not ev.reward_model:
@@ -223,7 +222,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         examples = load_examples(data_args.dataset, "preference", data_args.dataset_dir, data_args.dataset_format,
                                  data_args.max_samples, data_args.keep_ties, report)
         dataset = tokenize_preference(examples, tokenizer, meta["template"], max_length, report, name="eval")
-    model, _ = load_scalar_model(model_dir, dtype_of(precision), ds_config)
+    model, _ = load_scalar_model(model_dir, prec.dtype, ds_config)
     engine = create_inference_engine(model, ds_config)
     collator = PairCollator(tokenizer.pad_token_id, tokenizer.padding_side)
     chosen, rejected = score_pairs(engine, dataset, rt.per_device_eval_batch_size, collator, desc="scoring",

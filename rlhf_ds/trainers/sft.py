@@ -1,8 +1,8 @@
 """SFT stage: supervised fine-tuning on instruction data, the loss on the answer tokens only.
 
-The recipe (setup -> train -> evaluate -> save) is trainers/base.py; this file says what is particular to it. Its
---output_dir (a LoRA adapter or a full model folder, with the tokenizer) is what train_ppo.py --checkpoint_dir
-takes.
+The life of the run is trainers/base.py and its step trainers/supervised.py; this file says what is particular to
+SFT. Its --output_dir (a LoRA adapter or a full model folder, with the tokenizer) is what the online trainers'
+--sft_model and train_dpo.py take.
 """
 from __future__ import annotations
 
@@ -15,21 +15,19 @@ import torch
 from rlhf_ds import dist
 from rlhf_ds.algo.losses import sft_loss, token_nll
 from rlhf_ds.algo.sequence import position_ids_from_mask
-from rlhf_ds.args import DataArguments, FinetuningArguments, ModelArguments, RuntimeArguments, TrainingArguments, \
-    parse_args
+from rlhf_ds.args import STAGE_GROUPS, parse_args
 from rlhf_ds.checkpoint import gather_state_dict, save_causal_lm
 from rlhf_ds.data.collate import SFTCollator, even_shards
 from rlhf_ds.data.loading import tokenize_sft
-from rlhf_ds.engines.precision import dtype_of
-from rlhf_ds.models.finetuning import apply_finetuning
+from rlhf_ds.models.finetuning import apply_finetuning, is_lora
 from rlhf_ds.models.loading import load_causal_lm
 from rlhf_ds.tracking import progress
-from rlhf_ds.trainers.base import StageTrainer
+from rlhf_ds.trainers.supervised import SupervisedTrainer
 
 logger = logging.getLogger("rlhf_ds.sft")
 
 
-class SFTTrainer(StageTrainer):
+class SFTTrainer(SupervisedTrainer):
     name = "SFT"
     kind = "sft"
     unit = "examples"
@@ -44,7 +42,7 @@ class SFTTrainer(StageTrainer):
         return ["input_ids", "prompt_len"]
 
     def build_model(self) -> torch.nn.Module:
-        model = load_causal_lm(self.model_path, dtype_of(self.precision), self.ds_config)
+        model = load_causal_lm(self.model_path, self.precision.dtype, self.ds_config)
         if self.model_args.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return apply_finetuning(model, self.ft_args, task_type="CAUSAL_LM")
@@ -58,7 +56,7 @@ class SFTTrainer(StageTrainer):
         return sft_loss(self._logits(batch), batch["input_ids"], batch["loss_mask"]), {}
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, step: int) -> dict[str, float]:
         """Token-level loss and perplexity of the answers in the held-out split."""
         self.engine.eval()
         device = dist.device()
@@ -77,21 +75,17 @@ class SFTTrainer(StageTrainer):
         results = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_samples": len(self.eval_set),
                    "eval_tokens": int(tokens)}
         self.metrics.update(results)
-        self.tracker.log(results, self.metrics.get("train_steps", 0), kind="eval")
+        self.tracker.log(results, step, kind="eval")
         logger.info("eval: loss %.4f perplexity %.2f on %d examples (%d answer tokens)", loss,
                     results["eval_perplexity"], len(self.eval_set), tokens)
         return results
 
-    def gather_model(self) -> dict[str, torch.Tensor] | None:
-        from peft import PeftModel
+    def gather_models(self) -> dict[str, torch.Tensor] | None:
+        return gather_state_dict(self.engine, trainable_only=is_lora(self.engine.module))
 
-        return gather_state_dict(self.engine, trainable_only=isinstance(self.engine.module, PeftModel))
-
-    def write_model(self, folder: Path, state: dict[str, torch.Tensor], final: bool) -> None:
-        save_causal_lm(self.engine.module, state, folder, self.tokenizer)
+    def write_models(self, folder: Path, state: dict[str, torch.Tensor], final: bool) -> None:
+        save_causal_lm(self.engine.module, state, folder if final else folder / "model", self.tokenizer)
 
 
 def main(argv: list[str] | None = None) -> int:
-    groups = parse_args(ModelArguments, DataArguments, FinetuningArguments, TrainingArguments, RuntimeArguments,
-                        argv=argv)
-    return SFTTrainer(*groups).run()
+    return SFTTrainer(*parse_args(*STAGE_GROUPS, argv=argv, unused="sft")).run()

@@ -146,7 +146,7 @@ def test_not_a_list_and_empty_files(tmp_path):
 
 
 def test_unknown_layout_suggests_the_format_flag(tmp_path):
-    f = write_json(tmp_path / "x.json", [{"question": "q", "answer": "a"}])
+    f = write_json(tmp_path / "x.json", [{"prompt": "q", "completion": "a"}])
     with pytest.raises(UserError, match="--dataset_format"):
         load(f)
 
@@ -167,3 +167,17 @@ def test_eval_split_is_deterministic_and_checked():
     assert len(a_eval) == 20 and a_eval["chosen"] == b_eval["chosen"]
     with pytest.raises(UserError, match="--val_size"):
         split_eval(ds, 100, seed=3)
+
+
+def test_gsm8k_is_registered_in_the_question_answer_layout_and_every_answer_parses():
+    from rlhf_ds.rewards import final_answer, math_answer
+
+    ds = load_examples("gsm8k_test", "sft", DEFAULT_DATASET_DIR)
+    assert len(ds) == 1319
+    first = ds[0]
+    assert [m["role"] for m in first["prompt"]] == ["user"] and "####" in first["response"]
+    finals = [line.split("####")[-1] for line in ds["response"]]
+    assert all(final_answer(f) is not None for f in finals)  # thousands separators and minus signs included
+    assert all(math_answer("", r, r) == 1.0 for r in ds["response"][:200])
+    with pytest.raises(UserError, match="one answer per prompt"):
+        load_examples("gsm8k_test", "preference", DEFAULT_DATASET_DIR)

@@ -67,4 +67,4 @@ def test_ppo_with_deepspeed_hybrid_engine_on_cpu_stops_at_start_up(tiny_llama, t
                    "alpaca_gpt4_zh", "--output_dir", str(tmp_path / "o"), "--reward_fn",
                    "tests/reward_fns.py:ascii_letters", "--hybrid_engine", "deepspeed", "--max_steps", "1")
     assert proc.returncode == 2 and "--hybrid_engine deepspeed: DeepSpeed's hybrid engine needs its CUDA" in proc.stderr
-    assert "--hybrid_engine ours" in proc.stderr and "Traceback" not in proc.stderr
+    assert "--hybrid_engine on" in proc.stderr and "Traceback" not in proc.stderr

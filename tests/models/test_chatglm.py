@@ -243,7 +243,7 @@ def test_attention_is_bidirectional_over_the_prompt_and_causal_over_the_answer()
         torch.testing.assert_close(right[:, :8], base, atol=1e-5, rtol=1e-5)
 
 
-def reference_block(block, x, positions, allowed, layer_idx, num_layers):
+def reference_block(block, x, positions, allowed, layer_idx):
     """One GLM block written out from the published description, head by head, sequence-first."""
     hidden = x.shape[-1]
     heads = block.attention.num_heads
@@ -270,7 +270,7 @@ def reference_block(block, x, positions, allowed, layer_idx, num_layers):
         scores = scores.masked_fill(~allowed, -10000.0) * coeff
         outs.append(torch.softmax(scores, -1) @ v)
     attn = torch.cat(outs, -1) @ block.attention.dense.weight.T + block.attention.dense.bias
-    alpha = math.sqrt(2 * num_layers)
+    alpha = math.sqrt(2 * 28)  # GLMBlock's default num_layers, which the published ChatGLMModel never passes
     mid = h * alpha + attn
     m = torch.nn.functional.layer_norm(mid, (hidden,), block.post_attention_layernorm.weight,
                                        block.post_attention_layernorm.bias, block.post_attention_layernorm.eps)
@@ -293,10 +293,10 @@ def test_glm_block_matches_the_published_formulas_scaled_residual_included():
     x = torch.randn(1, 7, 32)
     layer_idx = 2  # the layer number scales the attention scores (query_key_layer_scaling)
     block = model.layers[layer_idx]
-    assert block.alpha == pytest.approx(math.sqrt(2 * 3))  # sqrt(2 * num_layers): sqrt(56) for chatglm-6b
+    assert config.num_layers == 3 and block.alpha == pytest.approx(math.sqrt(56))  # the published scale at any depth
     with torch.no_grad():
         ours = block(x, position_ids=positions, attention_mask=allowed)
-        ref = reference_block(block, x[0], positions[0], allowed[0, 0], layer_idx, 3)
+        ref = reference_block(block, x[0], positions[0], allowed[0, 0], layer_idx)
     torch.testing.assert_close(ours[0], ref, atol=1e-4, rtol=1e-4)
 
 

@@ -13,7 +13,7 @@ from hybrid_check import round_trip  # noqa: E402
 
 from rlhf_ds import dist  # noqa: E402
 from rlhf_ds.algo.sequence import pad_sequences  # noqa: E402
-from rlhf_ds.engines.generation import SamplingSettings  # noqa: E402
+from rlhf_ds.benchmarks import FixedLengthSampling  # noqa: E402
 from rlhf_ds.models.loading import load_tokenizer  # noqa: E402
 
 QUESTIONS = [["你好", "请介绍一下清华大学。"], ["1+1等于几？", "写一首关于春天的诗"]]
@@ -29,8 +29,8 @@ def check(model_dir: str, stage: int, finetuning: str, gather_layers: int = 0) -
     tok = load_tokenizer(model_dir, padding_side="left")
     prompts, mask = pad_sequences([chat_ids(tok, q) for q in QUESTIONS[rank]], tok.pad_token_id, "left")
     # ranks stop at different lengths: without collectives during decoding, nobody waits for anybody
-    settings = SamplingSettings(max_new_tokens=5 + 4 * rank, eos_token_ids=[tok.eos_token_id],
-                                pad_token_id=tok.pad_token_id, do_sample=False, suppress_eos=True)
+    settings = FixedLengthSampling(max_new_tokens=5 + 4 * rank, eos_token_ids=[tok.eos_token_id],
+                                   pad_token_id=tok.pad_token_id, do_sample=False)
     rows = [chat_ids(tok, q) + tok("好的，我来回答。", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             for q in QUESTIONS[rank]]
     ids, train_mask = pad_sequences(rows, tok.pad_token_id, "right")

@@ -13,8 +13,9 @@ from rlhf_ds import dist
 from rlhf_ds.args import FinetuningArguments
 from rlhf_ds.engines.ds_config import EngineSettings, engine_config
 from rlhf_ds.engines.factory import create_train_engine
-from rlhf_ds.engines.generation import SamplingSettings
-from rlhf_ds.engines.hybrid import HybridEngine, zero_offload
+from rlhf_ds.engines.sampling import SamplingSettings
+from rlhf_ds.engines.ds_compat import zero3_hook_counts
+from rlhf_ds.engines.hybrid import HybridEngine
 from rlhf_ds.models.finetuning import apply_finetuning
 from rlhf_ds.models.loading import disable_dropout
 
@@ -64,7 +65,7 @@ def round_trip(model_dir: str, stage: int, finetuning: str, gather_layers: int, 
     engine = engine_for(model, stage)
     hybrid = HybridEngine(engine, gather_layers=gather_layers, merge_lora="on")
     before = snapshot(engine)
-    hooks = (len(zero_offload(engine).forward_hooks), len(zero_offload(engine).backward_hooks)) if stage == 3 else None
+    hooks = zero3_hook_counts(engine) if stage == 3 else None
     linear = torch.nn.functional.linear  # ZeRO-3's memory-efficient linear, swapped out while generating
     ours = hybrid.generate(prompts, mask, settings)
     with torch.no_grad():
@@ -72,8 +73,7 @@ def round_trip(model_dir: str, stage: int, finetuning: str, gather_layers: int, 
     ref = ref[:, prompts.shape[1]:]
     after = snapshot(engine)
     weight_diff = max((a - b).abs().max().item() for a, b in zip(before, after) if a.numel())
-    hooks_after = (len(zero_offload(engine).forward_hooks), len(zero_offload(engine).backward_hooks)) \
-        if stage == 3 else None
+    hooks_after = zero3_hook_counts(engine) if stage == 3 else None
     hooks_kept = hooks == hooks_after and torch.nn.functional.linear is linear
 
     loss_switched, grads_switched = train_step(engine, train_inputs)

@@ -4,7 +4,9 @@
 The architecture, as the published modeling code defines it:
 
   * block: h = LN_in(x); x' = h * alpha + Attention(h); m = LN_post(x'); out = m * alpha + MLP(m), alpha =
-    sqrt(2 * num_layers). The residual branch carries the *normalised* input, scaled by alpha.
+    sqrt(2 * 28) = sqrt(56) at any depth: the published ChatGLMModel builds each GLMBlock without passing its
+    num_layers, so the block's default of 28 sets alpha whatever config.num_layers says. The residual branch
+    carries the *normalised* input, scaled by alpha.
   * attention: one `query_key_value` Linear whose output is viewed per head as [q | k | v] (heads outer, the three
     parts inner); scores (q / (sqrt(d) * (layer + 1))) k^T in the model dtype, masked with -10000, then multiplied
     back by (layer + 1) in float32 before the softmax (query_key_layer_scaling); `dense` projects back.
@@ -192,11 +194,15 @@ class ChatGLMMLP(nn.Module):
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
 
 
+# GLMBlock's default num_layers in the published modeling_chatglm.py, which ChatGLMModel never overrides.
+PUBLISHED_BLOCK_LAYERS = 28
+
+
 class GLMBlock(GradientCheckpointingLayer):
     def __init__(self, config: ChatGLMConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.alpha = (2 * config.num_layers) ** 0.5
+        self.alpha = (2 * PUBLISHED_BLOCK_LAYERS) ** 0.5  # see the module docstring
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.attention = ChatGLMAttention(config, layer_idx)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)

@@ -1,12 +1,13 @@
-"""Every PPO formula against a plain Python loop over random numbers, including the edge cases: the reward on the
-last real token, masks after EOS, responses of length 1, rows with no response token, whitening with masks."""
+"""Masked statistics, log-probs, KL estimators and controllers, reward shaping and the PPO losses against plain
+Python loops over random numbers, including the edge cases: the reward on the last real token, masks after EOS,
+responses of length 1, rows with no response token, whitening with masks."""
 import math
 import random
 
 import pytest
 import torch
 
-from rlhf_ds.algo import ppo as algo
+from rlhf_ds.algo import core, kl, policy, shaping
 from rlhf_ds.algo.losses import sft_loss
 
 B, T = 5, 7
@@ -33,7 +34,7 @@ def batch():
 def test_response_mask_keeps_tokens_up_to_and_including_first_eos():
     eos = 2
     resp = torch.tensor([[5, 6, 2, 0, 0], [2, 0, 0, 0, 0], [5, 6, 7, 8, 9], [5, 2, 7, 2, 0]])
-    mask = algo.response_mask(resp, [eos])
+    mask = core.response_mask(resp, [eos])
     expected = []
     for row in resp.tolist():
         out, ended = [], False
@@ -42,15 +43,15 @@ def test_response_mask_keeps_tokens_up_to_and_including_first_eos():
             ended = ended or tok == eos
         expected.append(out)
     assert mask.tolist() == expected
-    assert algo.has_eos(resp, mask, [eos]).tolist() == [True, True, False, True]
-    assert algo.response_mask(torch.tensor([[5, 9, 3]]), [9, 3]).tolist() == [[1, 1, 0]]  # several EOS ids
+    assert core.has_eos(resp, mask, [eos]).tolist() == [True, True, False, True]
+    assert core.response_mask(torch.tensor([[5, 9, 3]]), [9, 3]).tolist() == [[1, 1, 0]]  # several EOS ids
 
 
 @pytest.mark.parametrize("name", ["k1", "k2", "k3"])
 def test_kl_estimators(batch, name):
     ref = {"k1": lambda p, q: p - q, "k2": lambda p, q: 0.5 * (p - q) ** 2,
            "k3": lambda p, q: math.exp(q - p) - 1 - (q - p)}[name]
-    got = algo.KL_ESTIMATORS[name](batch["logp"], batch["ref"])
+    got = kl.KL_ESTIMATORS[name](batch["logp"], batch["ref"])
     for b in range(B):
         for t in range(T):
             assert got[b, t].item() == pytest.approx(ref(batch["logp"][b, t].item(), batch["ref"][b, t].item()),
@@ -59,7 +60,9 @@ def test_kl_estimators(batch, name):
 
 def test_rewards_put_the_score_on_the_last_real_token_and_nothing_after_eos(batch):
     coef = 0.1
-    rewards, kl = algo.compute_rewards(batch["scores"], batch["logp"], batch["ref"], batch["mask"], coef, "k1")
+    placed = shaping.place_scores(batch["scores"], batch["mask"])
+    rewards = kl.kl_reward_penalty(placed, batch["logp"], batch["ref"], batch["mask"], coef, "k1")
+    per_token = kl.kl_per_token(batch["logp"], batch["ref"], batch["mask"], "k1")
     for b, n in enumerate(batch["lengths"]):
         for t in range(T):
             expected = 0.0
@@ -69,30 +72,10 @@ def test_rewards_put_the_score_on_the_last_real_token_and_nothing_after_eos(batc
                     expected += batch["scores"][b].item()
             assert rewards[b, t].item() == pytest.approx(expected, abs=1e-6), (b, t)
             if t >= n:
-                assert kl[b, t].item() == 0.0
+                assert per_token[b, t].item() == 0.0
     assert rewards[3].abs().sum() == 0  # no response token: no score anywhere
     assert rewards[2, 0].item() == pytest.approx(
         batch["scores"][2].item() - coef * (batch["logp"][2, 0] - batch["ref"][2, 0]).item(), abs=1e-6)
-
-
-@pytest.mark.parametrize("gamma, lam", [(1.0, 0.95), (0.99, 1.0), (0.9, 0.5)])
-def test_gae_matches_a_plain_loop(batch, gamma, lam):
-    rewards = torch.randn(B, T) * batch["mask"]
-    adv, ret = algo.gae(rewards, batch["values"], batch["mask"], gamma, lam)
-    for b, n in enumerate(batch["lengths"]):
-        r = rewards[b, :n].tolist()
-        v = batch["values"][b, :n].tolist()
-        expected, last = [0.0] * n, 0.0
-        for t in reversed(range(n)):
-            next_v = v[t + 1] if t + 1 < n else 0.0  # terminal after the last real token
-            delta = r[t] + gamma * next_v - v[t]
-            last = delta + gamma * lam * last
-            expected[t] = last
-        for t in range(T):
-            want_adv = expected[t] if t < n else 0.0
-            assert adv[b, t].item() == pytest.approx(want_adv, abs=1e-5), (b, t)
-            want_ret = expected[t] + v[t] if t < n else 0.0
-            assert ret[b, t].item() == pytest.approx(want_ret, abs=1e-5), (b, t)
 
 
 def test_masked_whiten_and_stats(batch):
@@ -100,24 +83,25 @@ def test_masked_whiten_and_stats(batch):
     vals = [x[b, t].item() for b in range(B) for t in range(T) if mask[b, t]]
     mean = sum(vals) / len(vals)
     var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
-    assert algo.masked_mean(x, mask).item() == pytest.approx(mean, abs=1e-6)
-    assert algo.masked_var(x, mask).item() == pytest.approx(var, rel=1e-5)
-    white = algo.masked_whiten(x, mask)
+    assert core.masked_mean(x, mask).item() == pytest.approx(mean, abs=1e-6)
+    assert core.masked_var(x, mask).item() == pytest.approx(var, rel=1e-5)
+    white = core.masked_whiten(x, mask)
     for b in range(B):
         for t in range(T):
             want = (x[b, t].item() - mean) / math.sqrt(var + 1e-8) if mask[b, t] else 0.0
             assert white[b, t].item() == pytest.approx(want, abs=1e-5)
-    kept = algo.masked_whiten(x, mask, shift_mean=False)  # rescaled, mean kept
+    kept = core.masked_whiten(x, mask, shift_mean=False)  # rescaled, mean kept
     for b in range(B):
         for t in range(T):
             want = (x[b, t].item() - mean) / math.sqrt(var + 1e-8) + mean if mask[b, t] else 0.0
             assert kept[b, t].item() == pytest.approx(want, abs=1e-5)
-    assert algo.masked_mean(torch.ones(2, 3), torch.zeros(2, 3)).item() == 0.0  # empty mask: 0, not NaN
+    assert core.masked_mean(torch.ones(2, 3), torch.zeros(2, 3)).item() == 0.0  # empty mask: 0, not NaN
 
 
 def test_policy_loss_matches_a_plain_loop(batch):
     clip = 0.2
-    loss, stats = algo.policy_loss(batch["logp"], batch["old_logp"], batch["adv"], batch["mask"], clip)
+    per_token, stats = policy.ppo_clip(batch["logp"], batch["old_logp"], batch["adv"], batch["mask"], clip, clip)
+    loss = policy.aggregate(per_token, batch["mask"], "token_mean")
     terms, clipped, kls = [], [], []
     for b in range(B):
         for t in range(T):
@@ -136,7 +120,8 @@ def test_policy_loss_matches_a_plain_loop(batch):
 
 def test_policy_loss_gradient_vanishes_where_clipped():
     logp = torch.tensor([[0.5, -0.5]], requires_grad=True)  # ratios e^0.5 and e^-0.5 against old 0
-    loss, _ = algo.policy_loss(logp, torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), torch.ones(1, 2), 0.2)
+    per_token, _ = policy.ppo_clip(logp, torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), torch.ones(1, 2), 0.2, 0.2)
+    loss = policy.aggregate(per_token, torch.ones(1, 2), "token_mean")
     loss.backward()
     assert logp.grad.abs().sum().item() == 0.0  # both are beyond the clip in the direction of the advantage
 
@@ -144,7 +129,7 @@ def test_policy_loss_gradient_vanishes_where_clipped():
 def test_value_loss_matches_a_plain_loop(batch):
     c = 0.2
     values = batch["old_values"] + torch.randn(B, T) * 0.5
-    loss, stats = algo.value_loss(values, batch["old_values"], batch["returns"], batch["mask"], c)
+    loss, stats = policy.value_loss(values, batch["old_values"], batch["returns"], batch["mask"], c)
     terms, frac = [], []
     for b in range(B):
         for t in range(T):
@@ -162,14 +147,14 @@ def test_logprobs_use_the_sampling_temperature():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(2, 3, 11, generator=g)
     tokens = torch.randint(0, 11, (2, 3), generator=g)
-    got = algo.logprobs_from_logits(logits, tokens, temperature=0.7)
+    got = core.logprobs_from_logits(logits, tokens, temperature=0.7)
     for b in range(2):
         for t in range(3):
             row = [v / 0.7 for v in logits[b, t].tolist()]
             m = max(row)
             lse = m + math.log(sum(math.exp(v - m) for v in row))
             assert got[b, t].item() == pytest.approx(row[tokens[b, t]] - lse, abs=1e-5)
-    ent = algo.entropy_from_logits(logits, 0.7)
+    ent = core.entropy_from_logits(logits, 0.7)
     p = torch.softmax(logits[0, 0] / 0.7, -1).tolist()
     assert ent[0, 0].item() == pytest.approx(-sum(q * math.log(q) for q in p), abs=1e-5)
 
@@ -188,13 +173,13 @@ def test_sft_loss_counts_only_answer_tokens():
 
 
 def test_adaptive_kl_controller_follows_the_reference_formula():
-    ctl = algo.AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    ctl = kl.AdaptiveKLController(0.1, target=6.0, horizon=10000)
     value = 0.1
-    for kl in (3.0, 12.0, 6.0, 100.0):
-        ctl.update(kl, n_steps=256)
-        value *= 1 + min(max(kl / 6.0 - 1, -0.2), 0.2) * 256 / 10000
+    for measured in (3.0, 12.0, 6.0, 100.0):
+        ctl.update(measured, n_steps=256)
+        value *= 1 + min(max(measured / 6.0 - 1, -0.2), 0.2) * 256 / 10000
         assert ctl.value == pytest.approx(value)
-    fixed = algo.kl_controller(0.05, None, 10000)
+    fixed = kl.kl_controller(0.05, None, 10000)
     fixed.update(100.0, 256)
     assert fixed.value == 0.05
 
@@ -202,7 +187,7 @@ def test_adaptive_kl_controller_follows_the_reference_formula():
 def test_running_moments_equal_the_statistics_of_everything_seen():
     rng = random.Random(0)
     seen = [rng.gauss(3, 2) for _ in range(10)]
-    rm = algo.RunningMoments(mean=sum(seen) / 10, var=sum((x - sum(seen) / 10) ** 2 for x in seen) / 10, count=10)
+    rm = shaping.RunningMoments(mean=sum(seen) / 10, var=sum((x - sum(seen) / 10) ** 2 for x in seen) / 10, count=10)
     for _ in range(4):
         batch = [rng.gauss(-1, 0.5) for _ in range(7)]
         seen += batch
@@ -216,6 +201,45 @@ def test_running_moments_equal_the_statistics_of_everything_seen():
 def test_explained_variance(batch):
     mask = batch["mask"]
     ret = batch["returns"]
-    assert algo.explained_variance(ret, ret, mask).item() == pytest.approx(1.0)
-    mean_only = torch.full_like(ret, algo.masked_mean(ret, mask).item())
-    assert algo.explained_variance(mean_only, ret, mask).item() == pytest.approx(0.0, abs=1e-5)
+    assert core.explained_variance(ret, ret, mask).item() == pytest.approx(1.0)
+    mean_only = torch.full_like(ret, core.masked_mean(ret, mask).item())
+    assert core.explained_variance(mean_only, ret, mask).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_asymmetric_clipping_and_the_clip_fractions_at_each_bound():
+    # ratios e^0.25 (above 1 + 0.2, below 1 + 0.3) and e^-0.25 (below 1 - 0.2)
+    logp = torch.tensor([[0.25, -0.25, 0.25, -0.25]], requires_grad=True)
+    adv = torch.tensor([[1.0, -1.0, -1.0, 1.0]])
+    mask = torch.ones(1, 4)
+    per_token, stats = policy.ppo_clip(logp, torch.zeros(1, 4), adv, mask, cliprange_low=0.2, cliprange_high=0.3)
+    policy.aggregate(per_token, mask, "token_mean").backward()
+    # token 0: A > 0 and ratio 1.28 < 1.3: not clipped (clip-higher lets it grow); token 1: A < 0, ratio 0.78 < 0.8:
+    # clipped at the low bound; tokens 2 and 3 move against their advantage: never clipped
+    assert logp.grad[0].tolist() == pytest.approx([-math.exp(0.25) / 4, 0.0, math.exp(0.25) / 4,
+                                                   -math.exp(-0.25) / 4], rel=1e-5)
+    assert stats["clipfrac_low"].item() == pytest.approx(0.25) and stats["clipfrac_high"].item() == 0.0
+    _, symmetric = policy.ppo_clip(logp.detach(), torch.zeros(1, 4), adv, mask, 0.2, 0.2)
+    assert symmetric["clipfrac_high"].item() == pytest.approx(0.25)  # with 0.2 above, token 0 is clipped too
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"])
+def test_loss_aggregations_match_plain_loops(batch, mode):
+    loss, mask = batch["adv"], batch["mask"]
+    rows = [[loss[b, t].item() for t in range(T) if mask[b, t]] for b in range(B)]
+    if mode == "token_mean":
+        flat = [x for r in rows for x in r]
+        want = sum(flat) / len(flat)
+    elif mode == "seq_mean_token_mean":
+        want = sum(sum(r) / max(len(r), 1) for r in rows) / B
+    else:
+        want = sum(sum(r) for r in rows) / B
+    assert policy.aggregate(loss, mask, mode).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_length_penalties():
+    lengths = torch.tensor([10, 12, 14, 16])
+    # buffer 4 before the limit of 16: nothing up to 12, then linear to -2 at 16
+    assert shaping.overlong_penalty(lengths, 16, 4, 2.0).tolist() == pytest.approx([0.0, 0.0, -1.0, -2.0])
+    assert shaping.overlong_penalty(lengths, 16, 0, 2.0).tolist() == [0.0] * 4
+    scores = torch.tensor([1.0, 1.0])
+    assert shaping.missing_eos_penalty(scores, torch.tensor([True, False]), 0.5).tolist() == [1.0, 0.5]

@@ -1,0 +1,201 @@
+"""The whole recipe in one command: SFT -> reward model -> PPO -> report (launch/run_recipe.py).
+
+Each stage runs as its own process through the chosen launcher (`python`, `deepspeed --num_gpus N`, `torchrun
+--nproc_per_node N`), exactly as a user would run it by hand, with its output shown as it goes and kept in
+OUTPUT/logs/. A stage whose folder already holds a finished run is skipped, so an interrupted recipe continues
+where it stopped. The instruction data is split once into disjoint files: SFT trains on one part, PPO draws its
+prompts from the other (held-out) part.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rlhf_ds.args import DEFAULT_DATASET_DIR, REPO_ROOT
+from rlhf_ds.data.registry import resolve
+from rlhf_ds.errors import UserError
+
+DEFAULT_RECIPE_MODEL = "qwen2.5-coder-0.5b-instruct"
+
+# Sizes that finish the recipe in about 20 minutes on a 2-core CPU machine (measured; see README), per model.
+# Qwen2.5-Coder-0.5B reads Chinese and its answers can be judged by eye, but each step costs 2.5-3x SmolLM2's.
+PROFILES: dict[str, dict[str, float]] = {
+    "qwen2.5-coder-0.5b-instruct": dict(sft_examples=96, sft_eval=16, rm_pairs=100, rm_eval=20, ppo_steps=8,
+                                        ppo_eval_prompts=8),
+    "smollm2-135m-instruct": dict(sft_examples=256, sft_eval=32, rm_pairs=300, rm_eval=60, ppo_steps=16,
+                                  ppo_eval_prompts=16),
+}
+DEFAULT_PROFILE = PROFILES[DEFAULT_RECIPE_MODEL]
+
+
+@dataclass
+class RecipeArguments:
+    model: str = field(default=DEFAULT_RECIPE_MODEL, metadata={"help": "Base model for all three stages."})
+    output_dir: str = field(default="output/recipe", metadata={"help": "One folder per stage, logs, the report."})
+    launcher: str = field(default="python", metadata={"help": "How each stage starts: python, "
+                                                              "'deepspeed --num_gpus N' or 'torchrun "
+                                                              "--nproc_per_node N'."})
+    overwrite: bool = field(default=False, metadata={"help": "Redo stages that finished earlier."})
+    sft_dataset: str = "alpaca_gpt4_zh"
+    rm_dataset: str = "comparison_gpt4_zh"
+    sft_examples: int | None = field(default=None, metadata={"help": "Instruction records for SFT (the rest are "
+                                                                     "PPO's); default from the model's profile."})
+    sft_eval: int | None = field(default=None, metadata={"help": "Of those, held out for perplexity."})
+    sft_epochs: float = 1.0
+    sft_learning_rate: float = 2e-4
+    rm_pairs: int | None = field(default=None, metadata={"help": "Comparison records for the reward model."})
+    rm_eval: int | None = field(default=None, metadata={"help": "Of those, held out for accuracy."})
+    rm_learning_rate: float = 2e-4
+    ppo_steps: int | None = None
+    ppo_eval_prompts: int | None = None
+    ppo_learning_rate: float = 2e-4
+    ppo_epochs: int = 2
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 where the hardware runs it fast, else "
+                                                             "fp32: every stage gets --bf16), or bf16, fp16, fp32 "
+                                                             "exactly (--precision)."})
+    max_length: int = field(default=256, metadata={"help": "SFT and RM sequence length."})
+    max_prompt_length: int = 128
+    max_new_tokens: int = 48
+    seed: int = 42
+    sft_args: str = field(default="", metadata={"help": "Extra flags for train_sft.py (quoted)."})
+    rm_args: str = field(default="", metadata={"help": "Extra flags for train_rm.py (quoted)."})
+    ppo_args: str = field(default="", metadata={"help": "Extra flags for train_ppo.py (quoted)."})
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise UserError(f"--precision {self.precision!r}: choose auto, bf16, fp16 or fp32")
+        profile = PROFILES.get(self.model, DEFAULT_PROFILE)
+        for name, value in profile.items():
+            if getattr(self, name) is None:
+                setattr(self, name, int(value))
+
+
+def split_instruction_data(args: RecipeArguments, out: Path) -> tuple[Path, Path]:
+    """The instruction file's records, shuffled once, into sft.json and ppo_prompts.json (disjoint)."""
+    sft_file, ppo_file = out / "data" / "sft.json", out / "data" / "ppo_prompts.json"
+    if sft_file.is_file() and ppo_file.is_file():
+        return sft_file, ppo_file
+    source = resolve(args.sft_dataset, DEFAULT_DATASET_DIR)
+    text = source.path.read_text(encoding="utf-8")
+    records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x]
+    need = args.sft_examples + args.ppo_eval_prompts + 8
+    if len(records) < need:
+        raise UserError(f"{source.path} has {len(records)} records; the recipe needs at least {need} "
+                        f"(--sft_examples {args.sft_examples} + PPO prompts)")
+    random.Random(args.seed).shuffle(records)
+    sft_file.parent.mkdir(parents=True, exist_ok=True)
+    sft_file.write_text(json.dumps(records[: args.sft_examples], ensure_ascii=False), encoding="utf-8")
+    ppo_file.write_text(json.dumps(records[args.sft_examples:], ensure_ascii=False), encoding="utf-8")
+    return sft_file, ppo_file
+
+
+def stage_commands(args: RecipeArguments, out: Path, sft_file: Path, ppo_file: Path) -> dict[str, list[str]]:
+    precision = ["--bf16"] if args.precision == "auto" else ["--precision", args.precision]
+    common = ["--model_name_or_path", args.model, "--do_train", "--finetuning_type", "lora", *precision,
+              "--lr_scheduler_type", "cosine", "--seed", str(args.seed), "--save_steps", "0", "--logging_steps", "2",
+              "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2"]
+    return {
+        "sft": ["train_sft.py", *common, "--plot_loss", "--dataset", str(sft_file), "--output_dir", str(out / "sft"),
+                "--do_eval", "--eval_before_train", "--val_size", str(args.sft_eval),
+                "--num_train_epochs", str(args.sft_epochs), "--learning_rate", str(args.sft_learning_rate),
+                "--max_length", str(args.max_length), "--warmup_ratio", "0.05", *shlex.split(args.sft_args)],
+        "rm": ["train_rm.py", *common, "--plot_loss", "--dataset", args.rm_dataset, "--max_samples", str(args.rm_pairs),
+               "--output_dir", str(out / "rm"), "--do_eval", "--val_size", str(args.rm_eval),
+               "--num_train_epochs", "1", "--learning_rate", str(args.rm_learning_rate),
+               "--max_length", str(args.max_length), "--warmup_ratio", "0.05", *shlex.split(args.rm_args)],
+        "ppo": ["train_ppo.py", *common, "--dataset", str(ppo_file), "--sft_model", str(out / "sft"),
+                "--reward_model", str(out / "rm"), "--output_dir", str(out / "ppo"), "--do_eval",
+                "--val_size", str(args.ppo_eval_prompts), "--eval_steps", str(args.ppo_steps),
+                "--max_steps", str(args.ppo_steps), "--learning_rate", str(args.ppo_learning_rate),
+                "--ppo_epochs", str(args.ppo_epochs), "--max_prompt_length", str(args.max_prompt_length),
+                "--max_new_tokens", str(args.max_new_tokens), "--num_samples_to_log", "4",
+                *shlex.split(args.ppo_args)],
+    }
+
+
+COMMAND_OF = {"train_sft.py": "train-sft", "train_rm.py": "train-rm", "train_ppo.py": "train-ppo"}
+FINISHED = {"sft": "train_results.json", "rm": "value_head.json", "ppo": "train_results.json"}
+TITLES = {"sft": "1/3 supervised fine-tuning", "rm": "2/3 reward model", "ppo": "3/3 PPO"}
+
+
+def run_stage(name: str, command: list[str], args: RecipeArguments, out: Path) -> float:
+    """Run one stage through the launcher, streaming its output to the console and to OUTPUT/logs/NAME.log."""
+    script, flags = command[0], command[1:]
+    launcher = shlex.split(args.launcher)
+    if launcher[0] == "python":
+        launcher[0] = sys.executable
+    if (REPO_ROOT / "launch" / script).is_file():  # a source checkout: the scripts a user would run by hand
+        cmd = [*launcher, str(REPO_ROOT / "launch" / script), *flags]
+    else:  # an installed package: the same command as a module
+        module = {"deepspeed": ["--module"], "torchrun": ["-m"]}.get(Path(launcher[0]).name, ["-m"])
+        cmd = [*launcher, *module, "rlhf_ds.cli", COMMAND_OF[script], *flags]
+    if args.overwrite:
+        cmd.append("--overwrite_output_dir")
+    log = out / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"\n=== {TITLES[name]}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+    t0 = time.time()
+    with open(log, "w", encoding="utf-8") as sink:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sink.write(line)
+        rc = proc.wait()
+    if rc != 0:
+        raise UserError(f"the {name} stage failed (exit {rc}); its output is in {log}")
+    return time.time() - t0
+
+
+def run_recipe(args: RecipeArguments) -> Path:
+    from rlhf_ds.report import build_report
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sft_file, ppo_file = split_instruction_data(args, out)
+    commands = stage_commands(args, out, sft_file, ppo_file)
+    state_file = out / "recipe.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() and not args.overwrite else {}
+    minutes = state.get("minutes", {})
+    t0 = time.time()
+    for name, command in commands.items():
+        if (out / name / FINISHED[name]).is_file() and not args.overwrite:
+            print(f"\n=== {TITLES[name]}: finished earlier in {out / name}, kept (--overwrite redoes it)", flush=True)
+            continue
+        minutes[name] = round(run_stage(name, command, args, out) / 60, 2)
+        state.update(model=args.model, launcher=args.launcher, minutes=minutes, arguments=asdict(args))
+        state_file.write_text(json.dumps(state, indent=2))
+    state["wall_minutes"] = round(sum(minutes.values()), 2)
+    state_file.write_text(json.dumps(state, indent=2))
+    report = build_report(out, state)
+    _print_summary(out, report, state, time.time() - t0)
+    return report
+
+
+def _print_summary(out: Path, report: Path, state: dict, seconds: float) -> None:
+    sft = json.loads((out / "sft" / "eval_results.json").read_text())
+    rm = json.loads((out / "rm" / "eval_results.json").read_text())
+    evals = [json.loads(x) for x in (out / "ppo" / "eval_results.jsonl").read_text().splitlines() if x]
+    first, last = evals[0], evals[-1]
+    print(f"\n=== done in {seconds / 60:.1f} min ({state['wall_minutes']} min of stages): {report}")
+    print(f"  SFT  held-out perplexity   {sft.get('init_eval_perplexity', float('nan')):.2f} -> "
+          f"{sft['eval_perplexity']:.2f}")
+    print(f"  RM   held-out accuracy     {rm['eval_accuracy']:.3f}   (length-only baseline "
+          f"{rm['eval_length_baseline_accuracy']:.3f})")
+    print(f"  PPO  held-out reward       {first['eval_reward']:.3f} -> {last['eval_reward']:.3f}")
+    print(f"  PPO  win rate vs reference {first['eval_win_rate']:.3f} -> {last['eval_win_rate']:.3f}   "
+          f"KL {first['eval_kl']:.2f} -> {last['eval_kl']:.2f}")
+    print(f"  chat with the result:  python launch/chat.py --model {out / 'ppo'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rlhf_ds.args import parse_args
+
+    (args,) = parse_args(RecipeArguments, argv=argv)
+    run_recipe(args)
+    return 0

@@ -1,0 +1,241 @@
+"""Reward-model stage: learn a scalar score from ranked answer pairs with -log sigmoid(r_chosen - r_rejected).
+
+The life of the run is trainers/base.py and its step trainers/supervised.py; this file says what is particular to
+the reward model.
+`score_pairs` and `pair_metrics` are also used by launch/eval_rm.py, so the scores at the end of training and a
+later evaluation come from the same code.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import rlhf_ds
+from rlhf_ds import dist
+from rlhf_ds.algo.losses import pairwise_loss
+from rlhf_ds.algo.sequence import gather_last
+from rlhf_ds.args import DEFAULT_MAX_LENGTH, STAGE_GROUPS, DataArguments, RuntimeArguments, parse_args
+from rlhf_ds.checkpoint import gather_state_dict
+from rlhf_ds.data.collate import PairCollator, even_shards
+from rlhf_ds.data.loading import DataReport, load_examples, tokenize_preference
+from rlhf_ds.engines.ds_config import EngineSettings, engine_config
+from rlhf_ds.engines.precision import resolve_precision, run_precision
+from rlhf_ds.errors import UserError
+from rlhf_ds.models.finetuning import apply_finetuning, is_lora
+from rlhf_ds.models.heads import HEAD_META, ScalarHeadModel, save_scalar_model
+from rlhf_ds.models.loading import load_backbone, load_tokenizer
+from rlhf_ds.tracking import progress, setup_logging
+from rlhf_ds.trainers.supervised import SupervisedTrainer
+
+logger = logging.getLogger("rlhf_ds.rm")
+
+SCORE_STATS_SAMPLES = 512  # pairs scored for the mean/std stored with the model when there is no eval split
+
+
+# ------------------------------------------------------------------------------------------ scoring (shared)
+
+
+@torch.no_grad()
+def score_pairs(engine, dataset, batch_size: int, collator: PairCollator, desc: str = "scoring",
+                disable_tqdm: bool = False) -> tuple[list[float], list[float]]:
+    """Scores of every pair's chosen and rejected answer, in dataset order, identical on every rank."""
+    was_training = engine.training
+    engine.eval()
+    device = dist.device()
+    batches = even_shards(len(dataset), dist.rank(), dist.world_size(), batch_size)
+    found: dict[int, tuple[float, float]] = {}
+    bar = progress(len(batches), desc, disable=disable_tqdm, unit="batch")
+    for indices, n_real in batches:
+        batch = collator([dataset[i] for i in indices])
+        values = engine(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        scores = gather_last(values, batch["attention_mask"].to(device)).float().cpu()
+        chosen, rejected = scores.chunk(2)
+        for k in range(n_real):
+            found[indices[k]] = (chosen[k].item(), rejected[k].item())
+        bar.update(1)
+    bar.close()
+    for part in dist.all_gather_object(found):
+        found.update(part)
+    if was_training:
+        engine.train()
+    ordered = [found[i] for i in range(len(dataset))]
+    return [c for c, _ in ordered], [r for _, r in ordered]
+
+
+def pair_metrics(chosen: list[float], rejected: list[float], chosen_text: list[str],
+                 rejected_text: list[str], prefix: str = "eval_") -> dict[str, float]:
+    """RM accuracy beside the accuracy of "the longer answer wins" on the same pairs, loss and score stats."""
+    c = torch.tensor(chosen, dtype=torch.float64)
+    r = torch.tensor(rejected, dtype=torch.float64)
+    longer = [1.0 if len(a) > len(b) else 0.5 if len(a) == len(b) else 0.0
+              for a, b in zip(chosen_text, rejected_text)]
+    both = torch.cat([c, r])
+    return {
+        f"{prefix}accuracy": (c > r).double().mean().item(),
+        f"{prefix}length_baseline_accuracy": sum(longer) / len(longer),
+        f"{prefix}loss": pairwise_loss(c, r).item(),
+        f"{prefix}samples": len(chosen),
+        f"{prefix}score_mean": both.mean().item(),
+        f"{prefix}score_std": both.std().item() if len(both) > 1 else 0.0,
+        f"{prefix}chosen_score_mean": c.mean().item(),
+        f"{prefix}rejected_score_mean": r.mean().item(),
+    }
+
+
+def write_predictions(path: Path, dataset, chosen: list[float], rejected: list[float]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for i, (c, r) in enumerate(zip(chosen, rejected)):
+            ex = dataset[i]
+            f.write(json.dumps({"index": i, "prompt": ex["prompt"], "chosen": ex["chosen"],
+                                "rejected": ex["rejected"], "chosen_score": c, "rejected_score": r},
+                               ensure_ascii=False) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------- the recipe
+
+
+class RewardTrainer(SupervisedTrainer):
+    name = "reward model"
+    kind = "preference"
+    unit = "pairs"
+    finished_marker = HEAD_META
+    log_keys = ("loss", "accuracy", "chosen_score", "rejected_score")
+
+    def tokenize(self, examples, name: str):
+        return tokenize_preference(examples, self.tokenizer, self.template, self.max_length, self.report, name=name)
+
+    def make_collator(self) -> PairCollator:
+        return PairCollator(self.tokenizer.pad_token_id, self.tokenizer.padding_side)
+
+    def loader_columns(self) -> list[str]:
+        return ["chosen_ids", "rejected_ids"]
+
+    def build_model(self) -> ScalarHeadModel:
+        backbone = load_backbone(self.model_path, self.precision.dtype, self.ds_config)
+        if self.model_args.gradient_checkpointing:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return ScalarHeadModel(apply_finetuning(backbone, self.ft_args))
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        mask = batch["attention_mask"]
+        scores = gather_last(self.engine(input_ids=batch["input_ids"], attention_mask=mask), mask)
+        chosen, rejected = scores.chunk(2)
+        return pairwise_loss(chosen, rejected), {"accuracy": (chosen > rejected).float().mean().item(),
+                                                 "chosen_score": chosen.mean().item(),
+                                                 "rejected_score": rejected.mean().item()}
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        chosen, rejected = score_pairs(self.engine, self.eval_set, self.rt.per_device_eval_batch_size,
+                                       self.collator, desc="evaluating", disable_tqdm=self.rt.disable_tqdm)
+        results = pair_metrics(chosen, rejected, self.eval_set["chosen"], self.eval_set["rejected"])
+        self.metrics.update(results)
+        if dist.is_main():
+            write_predictions(self.out / "eval_predictions.jsonl", self.eval_set, chosen, rejected)
+        self.tracker.log(results, step, kind="eval")
+        logger.info("eval: accuracy %.4f (length-only baseline %.4f) loss %.4f on %d pairs; scores mean %.4f "
+                    "std %.4f", results["eval_accuracy"], results["eval_length_baseline_accuracy"],
+                    results["eval_loss"], results["eval_samples"], results["eval_score_mean"],
+                    results["eval_score_std"])
+        return results
+
+    def _score_stats(self) -> dict[str, Any]:
+        """Mean and std of the RM's scores, stored with it so PPO can normalise rewards."""
+        if "eval_score_mean" in self.metrics:
+            return {"score_mean": self.metrics["eval_score_mean"], "score_std": self.metrics["eval_score_std"],
+                    "score_count": 2 * self.metrics["eval_samples"], "score_stats_from": "eval split"}
+        subset = self.train_set.select(range(min(SCORE_STATS_SAMPLES, len(self.train_set))))
+        chosen, rejected = score_pairs(self.engine, subset, self.rt.per_device_eval_batch_size, self.collator,
+                                       desc="score statistics", disable_tqdm=self.rt.disable_tqdm)
+        stats = pair_metrics(chosen, rejected, subset["chosen"], subset["rejected"], prefix="")
+        return {"score_mean": stats["score_mean"], "score_std": stats["score_std"], "score_count": 2 * len(subset),
+                "score_stats_from": f"first {len(subset)} training pairs"}
+
+    def _meta(self, final: bool) -> dict[str, Any]:
+        name = self.model_args.model_name_or_path
+        base = str(Path(name).resolve()) if Path(name).expanduser().is_dir() else name
+        meta = {"kind": "reward", "base_model": base, "finetuning_type": self.ft_args.finetuning_type,
+                "template": self.template, "max_length": self.max_length, "precision": self.precision.name,
+                "rlhf_ds_version": rlhf_ds.__version__}
+        return {**meta, **self.score_stats} if final else meta
+
+    def gather_models(self) -> dict[str, torch.Tensor] | None:
+        return gather_state_dict(self.engine, trainable_only=is_lora(self.engine.module))
+
+    def write_models(self, folder: Path, state: dict[str, torch.Tensor], final: bool) -> None:
+        save_scalar_model(self.engine.module, state, folder if final else folder / "model", self._meta(final),
+                          self.tokenizer)
+
+    def save(self) -> None:
+        self.score_stats = self._score_stats()  # collective: every rank scores before rank 0 writes
+        super().save()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return RewardTrainer(*parse_args(*STAGE_GROUPS, argv=argv)).run()
+
+
+# ------------------------------------------------------------------------------------- evaluating a saved RM
+
+
+@dataclass
+class RewardEvalArguments:
+    reward_model: str = field(default="", metadata={"help": "A folder written by train_rm.py."})
+    output_file: str | None = field(default=None, metadata={"help": "Where the results JSON goes (default "
+                                                                    "REWARD_MODEL/eval_<dataset>.json)."})
+    predictions_file: str | None = field(default=None, metadata={"help": "Also write every pair's scores "
+                                                                         "(JSON Lines)."})
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    """launch/eval_rm.py: score every pair of a preference dataset with a saved reward model."""
+    from rlhf_ds.engines.factory import create_inference_engine
+    from rlhf_ds.models.heads import load_scalar_model, read_head_meta
+
+    ev, data_args, rt = parse_args(RewardEvalArguments, DataArguments, RuntimeArguments, argv=argv, unused="eval_rm.py")
+    dist.init_distributed(rt.dist_timeout)
+    setup_logging()
+    if not ev.reward_model:
+        raise UserError("--reward_model is required: the --output_dir of a train_rm.py run")
+    if not data_args.dataset:
+        raise UserError("--dataset is required: a registered name or a preference file")
+    model_dir = Path(ev.reward_model)
+    meta = read_head_meta(model_dir)
+    # the precision the model was trained in counts as asked for (bf16: where this machine runs it fast)
+    trained = meta.get("precision", "fp32")
+    prec = (run_precision(rt, model_dir) if (rt.bf16 or rt.fp16 or rt.precision or rt.deepspeed) else
+            resolve_precision(bf16=trained == "bf16", fp16=trained == "fp16", model_dir=model_dir))
+    precision = prec.name
+    logger.info("scoring in %s", prec.describe())
+    max_length = data_args.max_length or meta.get("max_length", DEFAULT_MAX_LENGTH)
+    settings = EngineSettings(micro_batch=rt.per_device_eval_batch_size, precision=precision, stage=rt.zero_stage,
+                              world_size=dist.world_size(),
+                              persistence_threshold=rt.stage3_param_persistence_threshold)
+    ds_config = engine_config(settings, trainable=False, offload=rt.offload)
+    report = DataReport()
+    with dist.main_process_first():
+        tokenizer = load_tokenizer(model_dir, padding_side="right")
+        examples = load_examples(data_args.dataset, "preference", data_args.dataset_dir, data_args.dataset_format,
+                                 data_args.max_samples, data_args.keep_ties, report)
+        dataset = tokenize_preference(examples, tokenizer, meta["template"], max_length, report, name="eval")
+    model, _ = load_scalar_model(model_dir, prec.dtype, ds_config)
+    engine = create_inference_engine(model, ds_config)
+    collator = PairCollator(tokenizer.pad_token_id, tokenizer.padding_side)
+    chosen, rejected = score_pairs(engine, dataset, rt.per_device_eval_batch_size, collator, desc="scoring",
+                                   disable_tqdm=rt.disable_tqdm)
+    results = pair_metrics(chosen, rejected, dataset["chosen"], dataset["rejected"])
+    if dist.is_main():
+        slug = "".join(ch if ch.isalnum() else "_" for ch in Path(data_args.dataset).stem)
+        out = Path(ev.output_file) if ev.output_file else model_dir / f"eval_{slug}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
+        if ev.predictions_file:
+            write_predictions(Path(ev.predictions_file), dataset, chosen, rejected)
+        logger.info("accuracy %.4f (length-only baseline %.4f) loss %.4f on %d pairs -> %s",
+                    results["eval_accuracy"], results["eval_length_baseline_accuracy"], results["eval_loss"],
+                    results["eval_samples"], out)
+    return 0

@@ -1,0 +1,81 @@
+"""Every use of DeepSpeed's private APIs, in one place: what rlhf_ds needs that DeepSpeed 0.19 has no public call
+for. When DeepSpeed changes, this is the file to check (the tests that cover each function are named beside it).
+"""
+from __future__ import annotations
+
+import contextlib
+from argparse import Namespace
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+
+def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """A ZeRO-3 engine's whole 16-bit state dict on rank 0 (tests/trainers: every save under ZeRO-3)."""
+    return engine._zero3_consolidated_16bit_state_dict()
+
+
+def zero_offload(engine):
+    """The DeepSpeedZeRoOffload object that owns a ZeRO-3 engine's module hooks."""
+    opt = engine.optimizer
+    return opt.parameter_offload if hasattr(opt, "parameter_offload") else opt
+
+
+def zero3_hook_counts(engine) -> tuple[int, int]:
+    """How many forward and backward hooks ZeRO-3 has on the module (tests/workers/hybrid_check.py)."""
+    offload = zero_offload(engine)
+    return len(offload.forward_hooks), len(offload.backward_hooks)
+
+
+def remove_zero3_hooks(engine, model) -> None:
+    """Take ZeRO-3's gather/release hooks off every module (the hybrid engine's generation mode)."""
+    offload = zero_offload(engine)
+    for p in model.parameters():
+        p.ds_active_sub_modules.clear()
+    for hook in offload.forward_hooks + offload.backward_hooks:
+        hook.remove()
+    offload.forward_hooks, offload.backward_hooks = [], []
+
+
+def restore_zero3_hooks(engine) -> None:
+    """Put ZeRO-3's hooks back exactly as at engine creation. count=[0] numbers the modules as then (the default
+    list keeps counting up); re-registering also invalidates the parameter coordinator's trace, so it re-records
+    on the next forward."""
+    offload = zero_offload(engine)
+    offload._register_deepspeed_module(offload.module, count=[0])
+
+
+@contextlib.contextmanager
+def plain_linear() -> Iterator[None]:
+    """torch's own linear for a stretch of work without backward. ZeRO-3 replaces torch.nn.functional.linear,
+    process-wide and for good, with an autograd Function that keeps less for backward (`memory_efficient_linear`);
+    without a backward that buys nothing, and its separate matmul + add cost 105 us a call against 62 us for the
+    fused kernel in bench_ppo's decode steps. Used for rollouts and the experience forwards
+    (tests/workers/hybrid_check.py checks that ZeRO-3's linear is back afterwards)."""
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as Patcher
+
+    functional = torch.nn.functional
+    if functional.linear is not zero3_linear_wrap or not hasattr(Patcher, "linear_bk") or torch.is_grad_enabled():
+        yield
+        return
+    functional.linear = Patcher.linear_bk
+    try:
+        yield
+    finally:
+        functional.linear = zero3_linear_wrap
+
+
+def hybrid_gather_latency(engine) -> float:
+    """Seconds DeepSpeed's own hybrid engine spent gathering in its last generate."""
+    return getattr(engine, "_gather_latency", 0.0)
+
+
+def convert_to_universal(input_folder: Path, output_folder: Path) -> None:
+    """DeepSpeed's ds_to_universal tool, called in-process (tests/test_resume.py: a universal resumption)."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    ds_to_universal(Namespace(input_folder=str(input_folder), output_folder=str(output_folder),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True))
