@@ -98,6 +98,28 @@ def test_ppo_zero3_lora_two_processes_killed_and_resumed_exactly(tiny_llama, tmp
     assert AutoModelForCausalLM.from_pretrained(exported) is not None
 
 
+def test_grpo_without_a_critic_zero3_two_processes_killed_and_resumed_exactly(tiny_llama, tmp_path):
+    """A critic-free run checkpoints its actor alone (no critic engine, no reference with a KL coefficient of 0)
+    and resumes to the same figures and weights."""
+    def grpo_args(out):
+        return ["--model_name_or_path", str(tiny_llama), "--do_train", "--dataset", "alpaca_gpt4_zh",
+                "--max_samples", "64", "--output_dir", str(out), "--reward_fn", "tests/reward_fns.py:ascii_letters",
+                "--finetuning_type", "lora", "--lora_target", "q_proj,v_proj,lm_head", "--zero_stage", "3",
+                "--stage3_param_persistence_threshold", "0", "--per_device_train_batch_size", "2",
+                "--n_samples_per_prompt", "3", "--max_steps", "5", "--save_steps", "2", "--logging_steps", "1",
+                "--learning_rate", "5e-3", "--max_new_tokens", "6", "--max_prompt_length", "32", "--disable_tqdm"]
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    check_ok(run_cli("train_grpo.py", *grpo_args(straight), nproc=2, launcher="torchrun"))
+    proc = run_cli("train_grpo.py", *grpo_args(killed), nproc=2, launcher="torchrun", env={"RLHF_DS_DIE_AT": "step:3"})
+    assert proc.returncode != 0 and latest_checkpoint(killed).name == "step-2"
+    assert sorted(p.name for p in latest_checkpoint(killed).iterdir() if p.is_dir()) == ["actor", "rng"]
+    again = check_ok(run_cli("train_grpo.py", *grpo_args(killed), nproc=2, launcher="torchrun"))
+    assert "resuming from" in again.stdout
+    assert_same_run(straight, killed, ("reward", "policy_loss", "entropy", "group_reward_std", "response_length",
+                                       "clipfrac"), ["actor/adapter_model.safetensors"])
+
+
 def rank_processes(launcher_pid):
     """The training processes under a `deepspeed` launcher (runner -> node launcher -> one process per rank)."""
     import psutil
