@@ -9,6 +9,7 @@ prompts from the other (held-out) part.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shlex
 import subprocess
@@ -23,13 +24,22 @@ from rlhf_ds.errors import UserError
 
 DEFAULT_RECIPE_MODEL = "qwen2.5-coder-0.5b-instruct"
 
-# Sizes that finish the recipe in about 20 minutes on a 2-core CPU machine (measured; see README), per model.
-# Qwen2.5-Coder-0.5B reads Chinese and its answers can be judged by eye, but each step costs 2.5-3x SmolLM2's.
-PROFILES: dict[str, dict[str, float]] = {
-    "qwen2.5-coder-0.5b-instruct": dict(sft_examples=96, sft_eval=16, rm_pairs=100, rm_eval=20, ppo_steps=8,
-                                        ppo_eval_prompts=8),
-    "smollm2-135m-instruct": dict(sft_examples=256, sft_eval=32, rm_pairs=300, rm_eval=60, ppo_steps=16,
-                                  ppo_eval_prompts=16),
+# Sizes that finish the recipe in about 20 minutes on a 2-core CPU machine (measured; see docs/recipe.md), per model
+# and per precision: where the processor has no native bf16 the stages run in fp32, about twice as slow per token,
+# so the fp32 profile trains on less and makes one PPO update per rollout (which also fuses the old log-probs into
+# the first training forward). Qwen2.5-Coder-0.5B reads Chinese and its answers can be judged by eye, but each step
+# costs 2.5-3x SmolLM2's.
+PROFILES: dict[str, dict[str, dict[str, float]]] = {
+    "qwen2.5-coder-0.5b-instruct": {
+        "bf16": dict(sft_examples=96, sft_eval=16, rm_pairs=100, rm_eval=20, ppo_steps=8, ppo_eval_prompts=8,
+                     ppo_epochs=2, max_length=256),
+        "fp32": dict(sft_examples=80, sft_eval=16, rm_pairs=80, rm_eval=16, ppo_steps=8, ppo_eval_prompts=8,
+                     ppo_epochs=1, max_length=192)},
+    "smollm2-135m-instruct": {
+        "bf16": dict(sft_examples=256, sft_eval=32, rm_pairs=300, rm_eval=60, ppo_steps=16, ppo_eval_prompts=16,
+                     ppo_epochs=2, max_length=256),
+        "fp32": dict(sft_examples=160, sft_eval=32, rm_pairs=200, rm_eval=40, ppo_steps=12, ppo_eval_prompts=16,
+                     ppo_epochs=1, max_length=192)},
 }
 DEFAULT_PROFILE = PROFILES[DEFAULT_RECIPE_MODEL]
 
@@ -55,11 +65,11 @@ class RecipeArguments:
     ppo_steps: int | None = None
     ppo_eval_prompts: int | None = None
     ppo_learning_rate: float = 2e-4
-    ppo_epochs: int = 2
+    ppo_epochs: int | None = None
     precision: str = field(default="auto", metadata={"help": "auto (bf16 where the hardware runs it fast, else "
                                                              "fp32: every stage gets --bf16), or bf16, fp16, fp32 "
                                                              "exactly (--precision)."})
-    max_length: int = field(default=256, metadata={"help": "SFT and RM sequence length."})
+    max_length: int | None = field(default=None, metadata={"help": "SFT and RM sequence length."})
     max_prompt_length: int = 128
     max_new_tokens: int = 48
     seed: int = 42
@@ -70,10 +80,19 @@ class RecipeArguments:
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise UserError(f"--precision {self.precision!r}: choose auto, bf16, fp16 or fp32")
-        profile = PROFILES.get(self.model, DEFAULT_PROFILE)
-        for name, value in profile.items():
+        profiles = PROFILES.get(self.model, DEFAULT_PROFILE)
+        self.profile = self.expected_precision()
+        for name, value in profiles[self.profile].items():
             if getattr(self, name) is None:
                 setattr(self, name, int(value))
+
+    def expected_precision(self) -> str:
+        """The profile to size the stages by: the precision they will run in on this machine ('bf16' or 'fp32')."""
+        if self.precision != "auto":
+            return "bf16" if self.precision in ("bf16", "fp16") else "fp32"
+        from rlhf_ds.engines.precision import resolve_precision
+
+        return "bf16" if resolve_precision(bf16=True).name in ("bf16", "fp16") else "fp32"
 
 
 def split_instruction_data(args: RecipeArguments, out: Path) -> tuple[Path, Path]:
@@ -124,8 +143,9 @@ FINISHED = {"sft": "train_results.json", "rm": "value_head.json", "ppo": "train_
 TITLES = {"sft": "1/3 supervised fine-tuning", "rm": "2/3 reward model", "ppo": "3/3 PPO"}
 
 
-def run_stage(name: str, command: list[str], args: RecipeArguments, out: Path) -> float:
-    """Run one stage through the launcher, streaming its output to the console and to OUTPUT/logs/NAME.log."""
+def run_stage(name: str, command: list[str], args: RecipeArguments, out: Path) -> tuple[float, float]:
+    """Run one stage through the launcher, streaming its output to the console and to OUTPUT/logs/NAME.log.
+    Returns its wall seconds and its peak memory in GiB (the largest resident set of any one of its processes)."""
     script, flags = command[0], command[1:]
     launcher = shlex.split(args.launcher)
     if launcher[0] == "python":
@@ -146,10 +166,12 @@ def run_stage(name: str, command: list[str], args: RecipeArguments, out: Path) -
         for line in proc.stdout:
             sys.stdout.write(line)
             sink.write(line)
-        rc = proc.wait()
+        # wait4 rather than wait: the child's resource usage comes with it (ru_maxrss covers the launcher's ranks)
+        _, status, usage = os.wait4(proc.pid, 0)
+        rc = proc.returncode = os.waitstatus_to_exitcode(status)
     if rc != 0:
         raise UserError(f"the {name} stage failed (exit {rc}); its output is in {log}")
-    return time.time() - t0
+    return time.time() - t0, usage.ru_maxrss / 2 ** 20
 
 
 def run_recipe(args: RecipeArguments) -> Path:
@@ -162,13 +184,17 @@ def run_recipe(args: RecipeArguments) -> Path:
     state_file = out / "recipe.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() and not args.overwrite else {}
     minutes = state.get("minutes", {})
+    peaks = state.get("peak_memory_gib", {})
     t0 = time.time()
     for name, command in commands.items():
         if (out / name / FINISHED[name]).is_file() and not args.overwrite:
             print(f"\n=== {TITLES[name]}: finished earlier in {out / name}, kept (--overwrite redoes it)", flush=True)
             continue
-        minutes[name] = round(run_stage(name, command, args, out) / 60, 2)
-        state.update(model=args.model, launcher=args.launcher, minutes=minutes, arguments=asdict(args))
+        seconds, peak = run_stage(name, command, args, out)
+        minutes[name] = round(seconds / 60, 2)
+        peaks[name] = round(peak, 2)
+        state.update(model=args.model, launcher=args.launcher, profile=args.profile, minutes=minutes,
+                     peak_memory_gib=peaks, arguments=asdict(args))
         state_file.write_text(json.dumps(state, indent=2))
     state["wall_minutes"] = round(sum(minutes.values()), 2)
     state_file.write_text(json.dumps(state, indent=2))

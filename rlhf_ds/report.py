@@ -76,7 +76,9 @@ def build_report(run_dir: str | Path, settings: dict[str, Any] | None = None) ->
         lines += [f"Model `{settings.get('model')}`, launched with `{settings.get('launcher', 'python')}`. "
                   f"Total wall time {settings.get('wall_minutes', '—')} min "
                   f"(SFT {settings.get('minutes', {}).get('sft', '—')}, RM {settings.get('minutes', {}).get('rm', '—')}, "
-                  f"PPO {settings.get('minutes', {}).get('ppo', '—')}).", ""]
+                  f"PPO {settings.get('minutes', {}).get('ppo', '—')}); sized by the {settings.get('profile', '—')} "
+                  f"profile; peak memory of one process {max(settings.get('peak_memory_gib', {}).values(), default='—')}"
+                  f" GiB.", ""]
 
     precisions = {name: _json(run / name / "training_args.json") for name in ("sft", "rm", "ppo")}
     ran = [f"{name.upper()} {a['precision']}" for name, a in precisions.items() if a.get("precision")]

@@ -31,6 +31,9 @@ def test_recipe_runs_end_to_end_then_exports_and_reloads(tiny_llama, tmp_path):
     ppo_prompts = {r["instruction"] for r in __import__("json").loads((out / "data" / "ppo_prompts.json").read_text())}
     assert not sft_prompts & ppo_prompts  # PPO prompts are held out from SFT
 
+    state = __import__("json").loads((out / "recipe.json").read_text())
+    assert state["profile"] in ("bf16", "fp32") and all(0.1 < state["peak_memory_gib"][s] < 24 for s in ("sft", "rm",
+                                                                                                          "ppo"))
     again = check_ok(run_cli("run_recipe.py", *args))  # finished stages are kept
     assert again.stdout.count("finished earlier") == 3
 
@@ -63,3 +66,17 @@ def test_recipe_shell_scripts_run_under_python_and_the_deepspeed_launcher(tiny_l
         check_ok(proc)
     assert (tmp_path / "sft" / "adapter_config.json").exists() and (tmp_path / "rm" / "value_head.json").exists()
     assert (tmp_path / "ppo" / "actor_merged" / "config.json").exists()
+
+
+def test_the_recipe_is_sized_by_the_precision_its_stages_will_run_in(monkeypatch):
+    from rlhf_ds.engines import precision
+    from rlhf_ds.recipe import PROFILES, RecipeArguments
+
+    for forced, profile in (("native", "bf16"), ("absent", "fp32")):
+        monkeypatch.setenv(precision.FORCE_ENV, forced)
+        precision.probe_cpu_bf16.cache_clear()
+        args = RecipeArguments()
+        assert args.profile == profile and args.ppo_epochs == PROFILES[args.model][profile]["ppo_epochs"]
+        assert args.sft_examples == PROFILES[args.model][profile]["sft_examples"]
+    assert RecipeArguments(precision="fp32", sft_examples=7).sft_examples == 7  # a flag wins over the profile
+    precision.probe_cpu_bf16.cache_clear()
