@@ -84,6 +84,19 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> tuple[
+        torch.Tensor, torch.Tensor]:
+    """logprobs_from_logits (with its gradient) and, from the same log-softmax, entropy_from_logits (without one):
+    one pass over the vocabulary instead of two."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), entropy
+
+
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Entropy of softmax(logits / temperature) per position, [B, T]."""
     logits = logits.float()

@@ -243,3 +243,13 @@ def test_length_penalties():
     assert shaping.overlong_penalty(lengths, 16, 0, 2.0).tolist() == [0.0] * 4
     scores = torch.tensor([1.0, 1.0])
     assert shaping.missing_eos_penalty(scores, torch.tensor([True, False]), 0.5).tolist() == [1.0, 0.5]
+
+
+def test_logprobs_and_entropy_in_one_pass_equal_the_two_functions():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 4, 13, generator=g, requires_grad=True)
+    tokens = torch.randint(0, 13, (2, 4), generator=g)
+    logp, ent = core.logprobs_and_entropy(logits, tokens, 0.8)
+    torch.testing.assert_close(logp, core.logprobs_from_logits(logits, tokens, 0.8))
+    torch.testing.assert_close(ent, core.entropy_from_logits(logits, 0.8))
+    assert logp.requires_grad and not ent.requires_grad

@@ -10,8 +10,8 @@ import torch
 
 from rlhf_ds import dist
 from rlhf_ds.algo.advantages import ADVANTAGE_ESTIMATORS, group_reward_std, uniform_groups
-from rlhf_ds.algo.core import entropy_from_logits, explained_variance, logprobs_from_logits, masked_mean, \
-    masked_sum, whiten_over_ranks
+from rlhf_ds.algo.core import explained_variance, logprobs_and_entropy, masked_mean, masked_sum, \
+    whiten_over_ranks
 from rlhf_ds.algo.kl import kl_per_token, kl_reward_penalty
 from rlhf_ds.algo.losses import sft_loss
 from rlhf_ds.algo.policy import POLICY_LOSSES, aggregate, value_loss
@@ -80,8 +80,8 @@ def update(engines, ro: Rollout, online, micro_rows: int, kl_coef: float, pad_id
             mb = ro if fused else ro.select(order[s])
             seq, att = mb.sequences, mb.attention_mask
             values = response_values(critic, seq, att, width) if (fused and critic is not None) else None
-            logits = response_logits(actor, seq, att, width)
-            logprobs = logprobs_from_logits(logits, mb.response, online.temperature)
+            logprobs, entropy = logprobs_and_entropy(response_logits(actor, seq, att, width), mb.response,
+                                                     online.temperature)
             if fused:
                 complete(ro, logprobs.detach(), values.detach() if values is not None else None, online, kl_coef,
                          stats)
@@ -96,8 +96,7 @@ def update(engines, ro: Rollout, online, micro_rows: int, kl_coef: float, pad_id
                                     mb.loss_mask, online.loss_agg)
                 loss = loss + kl_coef * kl_loss
                 step_stats["kl_loss"] = kl_loss.item()
-            with torch.no_grad():
-                step_stats["entropy"] = masked_mean(entropy_from_logits(logits, online.temperature), mb.mask).item()
+            step_stats["entropy"] = masked_mean(entropy, mb.mask).item()
             if online.ptx_coef > 0:
                 ptx = ptx_loss(actor, mb, pad_id)
                 loss = loss + online.ptx_coef * ptx
