@@ -6,6 +6,7 @@ JSON file of flag values; flags given after it override the file (`train_rm.py m
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -80,6 +81,10 @@ class DataArguments:
     keep_ties: bool = field(
         default=False, metadata={"help": "Keep preference pairs whose two answers are identical."}
     )
+    max_answers_per_record: int = field(
+        default=10, metadata={"help": "A ranked record with more answers contributes the pairs among its best N "
+                                      "only (N answers make N(N-1)/2 pairs); counted and reported."}
+    )
 
     def __post_init__(self) -> None:
         if self.max_length is not None and self.max_length < 8:
@@ -88,6 +93,7 @@ class DataArguments:
             raise UserError(f"--val_size {self.val_size} must be >= 0 (a fraction below 1 or a count)")
         if self.max_samples is not None and self.max_samples < 1:
             raise UserError(f"--max_samples {self.max_samples} must be >= 1")
+        _check_range("max_answers_per_record", self.max_answers_per_record, low=2)
 
 
 @dataclass
@@ -110,6 +116,7 @@ class FinetuningArguments:
             raise UserError(f"--lora_rank {self.lora_rank} must be >= 1")
         if self.lora_alpha is None:
             self.lora_alpha = 2.0 * self.lora_rank
+        _check_range("lora_alpha", self.lora_alpha, low=0, low_open=True)
         if not 0 <= self.lora_dropout < 1:
             raise UserError(f"--lora_dropout {self.lora_dropout} must be in [0, 1)")
         if self.num_layer_trainable < 1:
@@ -168,8 +175,16 @@ class TrainingArguments:
             raise UserError("nothing to train: give --num_train_epochs > 0 or --max_steps > 0")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise UserError(f"--save_total_limit {self.save_total_limit} must be >= 1")
-        if not 0 <= self.warmup_ratio < 1:
-            raise UserError(f"--warmup_ratio {self.warmup_ratio} must be in [0, 1)")
+        _check_range("warmup_ratio", self.warmup_ratio, 0, 1, high_open=True)
+        _check_range("learning_rate", self.learning_rate, low=0, low_open=True)
+        _check_range("weight_decay", self.weight_decay, low=0)
+        _check_range("adam_beta1", self.adam_beta1, 0, 1, high_open=True)
+        _check_range("adam_beta2", self.adam_beta2, 0, 1, high_open=True)
+        _check_range("adam_epsilon", self.adam_epsilon, low=0, low_open=True)
+        _check_range("max_grad_norm", self.max_grad_norm, low=0)
+        _check_range("num_train_epochs", self.num_train_epochs, low=0)
+        for name in ("warmup_steps", "save_steps"):
+            _check_range(name, getattr(self, name), low=0)
 
 
 @dataclass
@@ -204,6 +219,7 @@ class RuntimeArguments:
             raise UserError(f"--zero_stage {self.zero_stage}: choose 2 or 3 (0 for evaluation only)")
         if self.per_device_eval_batch_size < 1:
             raise UserError(f"--per_device_eval_batch_size {self.per_device_eval_batch_size} must be >= 1")
+        _check_range("dist_timeout", self.dist_timeout, low=1)
         if self.fp16 and self.bf16:
             raise UserError("--fp16 and --bf16 are exclusive; pick one")
         if self.precision is not None:
@@ -213,15 +229,54 @@ class RuntimeArguments:
 
 
 
+LENGTH_DEBIAS = ("none", "odin", "balanced", "regress", "length_negatives")
+
+
 @dataclass
-class OnlineArguments:
-    """The online RL trainers (PPO, GRPO, RLOO, REINFORCE++): their models, per-role memory controls, sampling,
-    rewards, and the algorithm's coefficients. train_ppo.py and train_grpo.py differ only in their defaults."""
+class RewardArguments:
+    """How the reward-model stage keeps answer length from doing the judging (docs/reward-length.md)."""
+
+    length_debias: str = field(default="none", metadata={
+        "help": "none; odin (a second head absorbs length, decorrelated from the reward PPO reads); balanced (pairs "
+                "weighted so that chosen-shorter and chosen-longer pairs count alike); regress (the part of the "
+                "score that answer length predicts is taken off, stored with the model); length_negatives (good "
+                "answers padded with repeated or unrelated text added as rejected answers)."})
+    odin_coef: float = field(default=1.0, metadata={"help": "odin: the weight of the correlation and "
+                                                            "orthogonality terms."})
+    negatives_share: float = field(default=0.5, metadata={"help": "length_negatives: padded pairs added, as a "
+                                                                  "share of the training pairs."})
+
+    def __post_init__(self) -> None:
+        _check_choice("length_debias", self.length_debias, LENGTH_DEBIAS)
+        _check_range("odin_coef", self.odin_coef, low=0)
+        _check_range("negatives_share", self.negatives_share, 0, 1)
+
+
+@dataclass
+class PolicyArguments:
+    """Where a trained policy starts and its frozen reference: shared by the online trainers and DPO."""
 
     sft_model: str | None = field(default=None, metadata={
         "aliases": ["--checkpoint_dir"],
         "help": "Where the policy starts: the SFT stage's output, a LoRA adapter (trained further) or a full model "
                 "folder (default: --model_name_or_path itself). --checkpoint_dir is the recipe's old spelling."})
+    ref_zero_stage: int | None = field(default=None, metadata={"help": "The reference's ZeRO stage (0: a full copy "
+                                                                       "per rank, 3: partitioned); default 3 if the "
+                                                                       "policy's is 3, else 0."})
+    offload_reference_model: bool = field(default=False, metadata={"help": "Reference parameters in CPU memory "
+                                                                           "(with ZeRO-3)."})
+
+    def __post_init__(self) -> None:
+        if self.ref_zero_stage is not None and self.ref_zero_stage not in (0, 3):
+            raise UserError(f"--ref_zero_stage {self.ref_zero_stage}: choose 0 (a full copy per rank) or 3 "
+                            f"(partitioned)")
+
+
+@dataclass
+class OnlineArguments:
+    """The online RL trainers (PPO, GRPO, RLOO, REINFORCE++): their models, per-role memory controls, sampling,
+    rewards, and the algorithm's coefficients. train_ppo.py and train_grpo.py differ only in their defaults."""
+
     reward_model: str | None = field(default=None, metadata={"help": "A folder written by train_rm.py."})
     reward_fn: str | None = field(default=None, metadata={
         "help": "Reward functions, comma-separated: built-in names (math, format; see rlhf_ds/rewards.py) or "
@@ -240,12 +295,9 @@ class OnlineArguments:
     critic_learning_rate: float | None = field(default=None, metadata={"help": "Default: --learning_rate."})
     actor_zero_stage: int | None = field(default=None, metadata={"help": "2 or 3 (default --zero_stage)."})
     critic_zero_stage: int | None = field(default=None, metadata={"help": "2 or 3 (default --zero_stage)."})
-    ref_zero_stage: int | None = field(default=None, metadata={"help": "Default: 3 if the actor's is 3, else 0."})
     reward_zero_stage: int | None = field(default=None, metadata={"help": "Default: 3 if the critic's (or, "
                                                                           "without a critic, the actor's) is 3, "
                                                                           "else 0."})
-    offload_reference_model: bool = field(default=False, metadata={"help": "Reference parameters in CPU memory "
-                                                                           "(with ZeRO-3)."})
     offload_reward_model: bool = field(default=False, metadata={"help": "Reward-model parameters in CPU memory "
                                                                         "(with ZeRO-3)."})
     actor_gradient_checkpointing: bool = False
@@ -294,6 +346,11 @@ class OnlineArguments:
                                                               "--max_new_tokens minus this lose up to "
                                                               "--overlong_penalty, linearly (0: off)."})
     overlong_penalty: float = field(default=1.0, metadata={"help": "The most the overlong penalty subtracts."})
+    length_penalty: float = field(default=0.0, metadata={"help": "Subtracted from the score per answer token: a "
+                                                                 "length-penalised reward (0: off)."})
+    max_length_growth: float | None = field(default=None, metadata={
+        "help": "Stop the run, with a warning and the figures, when the mean answer length of the last 3 steps has "
+                "grown by more than this share over that of the first 3 steps while the reward rose (e.g. 0.5)."})
     drop_uniform_groups: bool = field(default=False, metadata={"help": "Leave out of the update the groups whose "
                                                                        "answers all got the same score (no signal; "
                                                                        "counted in metrics.jsonl)."})
@@ -323,10 +380,9 @@ class OnlineArguments:
             value = getattr(self, name)
             if value is not None and value not in (2, 3):
                 raise UserError(f"--{name} {value}: choose 2 or 3")
-        for name in ("ref_zero_stage", "reward_zero_stage"):
-            value = getattr(self, name)
-            if value is not None and value not in (0, 3):
-                raise UserError(f"--{name} {value}: choose 0 (a full copy per rank) or 3 (partitioned)")
+        if self.reward_zero_stage is not None and self.reward_zero_stage not in (0, 3):
+            raise UserError(f"--reward_zero_stage {self.reward_zero_stage}: choose 0 (a full copy per rank) or 3 "
+                            f"(partitioned)")
         _check_choice("advantage_estimator", self.advantage_estimator, tuple(ADVANTAGE_ESTIMATORS))
         _check_choice("policy_loss", self.policy_loss, tuple(POLICY_LOSSES))
         _check_choice("loss_agg", self.loss_agg, tuple(LOSS_AGGREGATIONS))
@@ -359,6 +415,20 @@ class OnlineArguments:
                             f"{self.max_new_tokens})")
         self.cliprange_low = self.cliprange if self.cliprange_low is None else self.cliprange_low
         self.cliprange_high = self.cliprange if self.cliprange_high is None else self.cliprange_high
+        for name in ("actor_learning_rate", "critic_learning_rate", "cliprange", "cliprange_high",
+                     "cliprange_value"):
+            if getattr(self, name) is not None:
+                _check_range(name, getattr(self, name), low=0, low_open=True)
+        _check_range("cliprange_low", self.cliprange_low, 0, 1, low_open=True, high_open=True)
+        _check_range("gamma", self.gamma, 0, 1, low_open=True)
+        _check_range("lam", self.lam, 0, 1)
+        if self.max_length_growth is not None:
+            _check_range("max_length_growth", self.max_length_growth, low=0, low_open=True)
+        for name in ("vf_coef", "reward_clip", "overlong_penalty", "top_k", "num_samples_to_log", "length_penalty"):
+            _check_range(name, getattr(self, name), low=0)
+        _check_range("kl_horizon", self.kl_horizon, low=1)
+        if self.per_device_generation_batch_size is not None:
+            _check_range("per_device_generation_batch_size", self.per_device_generation_batch_size, low=1)
 
     @property
     def needs_critic(self) -> bool:
@@ -388,12 +458,64 @@ class OnlineArguments:
         return weights
 
 
+@dataclass
+class DPOArguments:
+    """Offline preference optimisation (train_dpo.py): the loss, its coefficients and the reference."""
+
+    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO), ipo, hinge, simpo or orpo (see "
+                                                                "rlhf_ds/algo/preference.py)."})
+    beta: float = field(default=0.1, metadata={"help": "The loss's beta (ORPO: the weight of the odds-ratio term)."})
+    label_smoothing: float = field(default=0.0, metadata={"help": "sigmoid: the share of labels taken as flipped "
+                                                                  "(conservative DPO)."})
+    simpo_gamma: float = field(default=0.5, metadata={"help": "simpo: the reward margin."})
+    ref_model: str | None = field(default=None, metadata={"help": "The reference policy: a model folder or a LoRA "
+                                                                  "adapter (default: the starting policy; with LoRA "
+                                                                  "and no --sft_model adapter, the policy with its "
+                                                                  "adapter switched off)."})
+    precompute_ref_logps: bool = field(default=True, metadata={"help": "Compute the reference log-probabilities of "
+                                                                       "every pair once, before training, and free "
+                                                                       "the reference (--no_precompute_ref_logps: a "
+                                                                       "reference forward every step)."})
+
+    def __post_init__(self) -> None:
+        from rlhf_ds.algo.preference import PREFERENCE_LOSSES
+
+        _check_choice("loss_type", self.loss_type, tuple(PREFERENCE_LOSSES))
+        _check_range("beta", self.beta, low=0, low_open=True)
+        _check_range("label_smoothing", self.label_smoothing, 0, 0.5, high_open=True)
+        _check_range("simpo_gamma", self.simpo_gamma, low=0)
+
+
 # The online trainers' defaults: train_ppo.py (GAE with a critic, KL in the reward) and train_grpo.py.
 PPO_DEFAULTS: dict[str, Any] = {"eval_steps": 50, "eval_before_train": True}
 GRPO_DEFAULTS: dict[str, Any] = {**PPO_DEFAULTS, "advantage_estimator": "grpo", "n_samples_per_prompt": 4,
                                  "kl_in_loss": True, "kl_estimator": "k3", "init_kl_coef": 0.0,
                                  "normalize_reward": False, "loss_agg": "seq_mean_token_mean",
                                  "drop_uniform_groups": True, "temperature": 1.0}
+
+
+def _check_range(flag: str, value: float, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """One line for a number out of its range (NaN and infinities are never in one)."""
+    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{flag} {value}: must be a finite number")
+        bounds = ("(" if low_open else "[") + ("-inf" if low is None else f"{low:g}") + ", " + \
+            ("inf" if high is None else f"{high:g}") + (")" if high_open or high is None else "]")
+        raise UserError(f"--{flag} {value}: must be in {bounds}")
+
+
+def check_finite(obj: Any) -> None:
+    """Every float flag of a group is a finite number (argparse accepts 'nan' and 'inf')."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{f.name} {value}: must be a finite number")
 
 
 def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
@@ -403,16 +525,22 @@ def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
 
 def _config_file_to_argv(path: str) -> list[str]:
     """Turn a YAML/JSON file of flag values into `--flag value` pairs."""
+    import yaml
+
     try:
         text = Path(path).read_text(encoding="utf-8")
-        if path.endswith(".json"):
-            values = json.loads(text)
-        else:
-            import yaml
-
-            values = yaml.safe_load(text)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read config file {path}: {err}") from None
+    except OSError as err:
+        raise UserError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"config file {path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") \
+            from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise UserError(f"config file {path}: invalid YAML at {where}{getattr(err, 'problem', None) or err}") \
+            from None
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must hold a mapping of flag names to values")
     argv: list[str] = []
@@ -426,9 +554,10 @@ def _config_file_to_argv(path: str) -> list[str]:
 
 # Flags that the shared groups give a stage which it has no use for: refused with a hint, never silently ignored.
 UNUSED_FLAGS: dict[str, dict[str, str]] = {
-    "sft": {"keep_ties": "SFT data has no pairs"},
+    "sft": {"keep_ties": "SFT data has no pairs", "max_answers_per_record": "SFT data has no pairs"},
     "online": {
         "keep_ties": "prompts have no pairs",
+        "max_answers_per_record": "prompts have no pairs",
         "gradient_checkpointing": "use --actor_gradient_checkpointing and --critic_gradient_checkpointing",
         "max_length": "the online trainers use --max_prompt_length and --max_new_tokens",
         "group_by_length": "prompts are not grouped by length in the online trainers",
@@ -441,6 +570,9 @@ UNUSED_FLAGS: dict[str, dict[str, str]] = {
     },
 }
 STAGE_GROUPS = (ModelArguments, DataArguments, FinetuningArguments, TrainingArguments, RuntimeArguments)
+ONLINE_GROUPS = (*STAGE_GROUPS, PolicyArguments, OnlineArguments)
+DPO_GROUPS = (*STAGE_GROUPS, PolicyArguments, DPOArguments)
+RM_GROUPS = (*STAGE_GROUPS, RewardArguments)
 
 
 def given_flags(argv: list[str]) -> set[str]:
@@ -476,7 +608,8 @@ def parse_args(*groups: type, argv: list[str] | None = None, unused: str | None 
     if remaining:
         raise UserError(f"unknown argument(s): {' '.join(remaining)} (see --help)")
     given = given_flags(argv)
-    for value in values:  # which flags the user wrote, for checks that depend on other flags
+    for value in values:
+        check_finite(value)  # which flags the user wrote, for checks that depend on other flags
         value.given = {f.name for f in fields(value)} & given
     return tuple(values)
 

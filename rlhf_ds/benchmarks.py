@@ -141,7 +141,7 @@ def bench_ppo_worker(stage: int, hybrid: str, steps: int, warmup: int, algo: str
     reward) or GRPO (4 answers per prompt, no critic, no reference: the KL coefficient is 0 as in TRL's default)."""
     from dataclasses import asdict
 
-    from rlhf_ds.args import GRPO_DEFAULTS, PPO_DEFAULTS, STAGE_GROUPS, OnlineArguments, parse_args
+    from rlhf_ds.args import GRPO_DEFAULTS, ONLINE_GROUPS, PPO_DEFAULTS, parse_args
     from rlhf_ds.trainers.online.trainer import OnlineTrainer
 
     dist.init_distributed()
@@ -158,7 +158,7 @@ def bench_ppo_worker(stage: int, hybrid: str, steps: int, warmup: int, algo: str
             "--max_steps", str(steps + warmup), "--save_steps", "0", "--disable_tqdm", "--learning_rate", "1e-5",
             "--logging_steps", str(10 ** 6), "--n_samples_per_prompt", str(samples)]
     defaults = GRPO_DEFAULTS if algo == "grpo" else PPO_DEFAULTS
-    trainer = OnlineTrainer(*parse_args(*STAGE_GROUPS, OnlineArguments, argv=argv, unused="online",
+    trainer = OnlineTrainer(*parse_args(*ONLINE_GROUPS, argv=argv, unused="online",
                                         defaults=defaults))
     trainer.setup()
     trainer.maker.sampling = FixedLengthSampling(**asdict(trainer.maker.sampling))  # every answer 64 tokens
@@ -184,8 +184,53 @@ def bench_ppo_worker(stage: int, hybrid: str, steps: int, warmup: int, algo: str
             **trainer.precision.record(), **machine()}
 
 
+def bench_dpo_worker(stage: int, steps: int, warmup: int, precompute: bool = True) -> dict[str, Any]:
+    """One DPO optimizer step on the fixed workload: per rank 4 pairs of 64 prompt + 64 answer tokens (random ids),
+    full fine-tuning of the random OPT-style model, DPO's sigmoid loss, the reference a frozen copy. With
+    `precompute` the reference's log-probabilities come with the batch (train_dpo.py's default: computed once
+    before training, not timed here); without it a reference forward runs every step."""
+    from rlhf_ds.args import DPO_GROUPS, parse_args
+    from rlhf_ds.trainers.dpo import DPOTrainer
+
+    dist.init_distributed()
+    root = Path(tempfile.gettempdir()) / "rlhf_ds_bench"
+    with dist.main_process_first():
+        policy, _ = workload_model(root)
+    out = root / f"dpo-zero{stage}-{dist.world_size()}"
+    argv = ["--model_name_or_path", str(policy), "--do_train", "--dataset", "comparison_gpt4_en", "--max_samples",
+            "64", "--output_dir", str(out), "--overwrite_output_dir", "--finetuning_type", "full", "--template",
+            "plain", "--per_device_train_batch_size", "4", "--max_length", "128", "--bf16", "--zero_stage",
+            str(stage), "--max_steps", str(steps + warmup), "--save_steps", "0", "--disable_tqdm",
+            "--learning_rate", "1e-5", "--logging_steps", str(10 ** 6), "--no_precompute_ref_logps"]
+    trainer = DPOTrainer(*parse_args(*DPO_GROUPS, argv=argv))
+    trainer.setup()
+    g = torch.Generator().manual_seed(dist.rank())
+    times = []
+    for step in range(warmup + steps):
+        rows = []
+        for _ in range(4):
+            prompt = torch.randint(10, VOCAB - 10, (64,), generator=g).tolist()
+            rows.append({"chosen_ids": prompt + torch.randint(10, VOCAB - 10, (64,), generator=g).tolist(),
+                         "rejected_ids": prompt + torch.randint(10, VOCAB - 10, (64,), generator=g).tolist(),
+                         "chosen_prompt_len": 64, "rejected_prompt_len": 64})
+        batch = trainer.collator(rows)
+        if precompute:  # what --precompute_ref_logps put in the dataset before training
+            device_batch = {k: v.to(dist.device()) for k, v in batch.items()}
+            batch["ref_chosen_logps"], batch["ref_rejected_logps"] = trainer.reference.logprobs(
+                device_batch).float().cpu().chunk(2)
+        dist.barrier()
+        t0 = time.time()
+        trainer.train_step([batch])
+        dist.barrier()
+        if step >= warmup:
+            times.append(time.time() - t0)
+    return {"system": "rlhf_ds", "algo": "dpo", "zero_stage": stage, "world_size": dist.world_size(),
+            "pairs_per_rank": 4, "reference": "precomputed" if precompute else "forward every step",
+            "step_s": round(statistics.median(times), 3), **trainer.precision.record(), **machine()}
+
+
 def run_ppo_matrix(stages: list[int], worlds: list[int], hybrids: list[str], steps: int, warmup: int,
-                   algo: str = "ppo") -> dict:
+                   algo: str = "ppo", reference: str = "precomputed") -> dict:
     """Start one torchrun per configuration (OMP_NUM_THREADS=1) and collect their JSON lines."""
     results = []
     for world in worlds:
@@ -195,7 +240,8 @@ def run_ppo_matrix(stages: list[int], worlds: list[int], hybrids: list[str], ste
                     result_file = f.name
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
                        "--master_addr", "127.0.0.1", "--master_port", str(dist.free_port()), "-m", "rlhf_ds.cli",
-                       "bench-ppo", "--worker", "--algo", algo, "--zero_stage", str(stage), "--hybrid_engine", hybrid,
+                       "bench-ppo", "--worker", "--algo", algo, "--reference", reference, "--zero_stage", str(stage),
+                       "--hybrid_engine", hybrid,
                        "--steps", str(steps), "--warmup", str(warmup), "--result_file", result_file]
                 env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", ""),
                        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -238,7 +284,9 @@ def main_ppo(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="bench_ppo.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--algo", default="ppo", choices=("ppo", "grpo"))
+    parser.add_argument("--algo", default="ppo", choices=("ppo", "grpo", "dpo"))
+    parser.add_argument("--reference", default="precomputed", choices=("precomputed", "forward"),
+                        help="dpo: reference log-probs precomputed (train_dpo.py's default) or a forward every step")
     parser.add_argument("--stages", default="2,3")
     parser.add_argument("--worlds", default="1,2")
     parser.add_argument("--hybrid", default="off,on", help="hybrid engine modes to compare")
@@ -250,12 +298,18 @@ def main_ppo(argv: list[str] | None = None) -> int:
     parser.add_argument("--result_file", help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker and args.algo == "dpo":
+        result = bench_dpo_worker(args.zero_stage, args.steps, args.warmup, args.reference == "precomputed")
+        if dist.is_main():
+            Path(args.result_file).write_text(json.dumps(result))
+        return 0
     if args.worker:
         result = bench_ppo_worker(args.zero_stage, args.hybrid_engine, args.steps, args.warmup, args.algo)
         if dist.is_main():
             Path(args.result_file).write_text(json.dumps(result))
         return 0
     summary = run_ppo_matrix([int(s) for s in args.stages.split(",")], [int(w) for w in args.worlds.split(",")],
-                             args.hybrid.split(","), args.steps, args.warmup, args.algo)
+                             ["on"] if args.algo == "dpo" else args.hybrid.split(","), args.steps, args.warmup,
+                             args.algo, args.reference)
     print(json.dumps(summary), flush=True)
     return 0

@@ -1,7 +1,24 @@
-"""Where a checkpoint is written and read: gathering weights out of ZeRO, the output folder and its finished marker,
-atomic publishing, and resumable checkpoints (save, load, the resume plan). Plain exported folders are export.py."""
+"""Resumable checkpoints: written whole or not at all, loaded without running code, pruned without losing what
+`latest` names, and the plan for whether a start resumes.
+
+OUT/checkpoints/step-N/            one resumable checkpoint, written as step-N.tmp and renamed when every rank is done
+    trainer_state.json             step, position in the data, the trainer's own state, the run's configuration
+    rng/rank_R.pt                  Python, NumPy, torch (and CUDA) random states of every rank (tensors and numbers
+                                   only: loaded with weights_only=True)
+    <engine>/state/...             DeepSpeed's save_checkpoint of each engine that trains (loaded with
+                                   weights_only=True and an allow-list of DeepSpeed's two state classes)
+    <engine>/ (model files)        the models as plain folders: export and chat work from any checkpoint
+    manifest.json                  the sha256 of every file above, written last: a truncated or altered file is
+                                   found before anything is loaded
+OUT/checkpoints/latest             the tag of the newest complete checkpoint, replaced last
+
+Trust model: loading a checkpoint never unpickles code (weights_only everywhere, an allow-list of data classes),
+so a file planted in a shared folder cannot run as the job's owner; the manifest finds truncation and accidental
+changes, not a deliberate writer, who could rewrite it too: protect the folder's write permission for that.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -13,112 +30,34 @@ from typing import Callable
 import torch
 
 from rlhf_ds import dist
-from rlhf_ds.engines.ds_compat import consolidated_state_dict
+from rlhf_ds.engines.ds_compat import weights_only_loads
 from rlhf_ds.errors import UserError
+from rlhf_ds.faults import die_if_asked, fail_save_if_asked
+from rlhf_ds.outputs import fsync_path, fsync_tree, read_marker, refuse_finished, write_atomic
 
 logger = logging.getLogger(__name__)
-
-
-def gather_state_dict(engine, trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
-    """The engine's full (un-partitioned) state dict on rank 0, None on the other ranks. Collective."""
-    module = engine.module
-    if engine.zero_optimization_partition_weights():  # ZeRO-3
-        if not trainable_only:
-            return consolidated_state_dict(engine)
-        import deepspeed
-
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-            state = {n: p.detach().cpu().clone() for n, p in named} if dist.is_main() else None
-        return state
-    if not dist.is_main():
-        return None
-    state = module.state_dict()
-    if trainable_only:
-        keep = {n for n, p in module.named_parameters() if p.requires_grad}
-        state = {k: v for k, v in state.items() if k in keep}
-    return {k: v.detach().cpu() for k, v in state.items()}
-
-
-RUN_LOGS = ("metrics.jsonl", "samples.jsonl", "eval_results.jsonl", "eval_samples.jsonl")
-
-
-def check_output_dir(output_dir: str | Path, overwrite: bool, finished_marker: str, keep: bool = False) -> Path:
-    """Create --output_dir. --overwrite_output_dir clears it; a finished run there is refused otherwise; a fresh
-    start (keep=False) drops the logs a killed earlier run left, so they are not mixed with the new ones."""
-    out = Path(output_dir)
-    if not str(output_dir):
-        raise UserError("--output_dir is required")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir {out} exists and is not a folder")
-    if not keep and not overwrite:
-        refuse_finished(out, finished_marker)
-    if dist.is_main():
-        if overwrite and out.exists():
-            for child in out.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-        if not keep:
-            for name in RUN_LOGS:
-                (out / name).unlink(missing_ok=True)
-    dist.barrier()
-    return out
-
-
-def refuse_finished(out: Path, finished_marker: str) -> None:
-    if (out / finished_marker).exists():
-        raise UserError(f"{out} already holds a finished run ({finished_marker}); pass --overwrite_output_dir to "
-                        f"replace it, or choose another --output_dir")
-
-
-def publish_files(write: Callable[[Path], None], dest: Path, marker: str) -> None:
-    """Rank 0: write(tmp) fills a temporary folder; its files then move into dest with `marker` moved last,
-    so dest holds the marker only when everything else is in place."""
-    dest.mkdir(parents=True, exist_ok=True)
-    tmp = dest / ".incomplete"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    write(tmp)
-    names = sorted(p.name for p in tmp.iterdir())
-    for name in [n for n in names if n != marker] + [n for n in names if n == marker]:
-        target = dest / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(tmp / name, target)
-    tmp.rmdir()
-
-
-def is_adapter_dir(path: str | Path) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
-
-
-def save_causal_lm(module, state: dict[str, torch.Tensor], out_dir: Path, tokenizer) -> None:
-    """A policy as it trains: a peft adapter folder for LoRA, a full Hugging Face folder otherwise."""
-    module.save_pretrained(str(out_dir), state_dict={k: v.contiguous() for k, v in state.items()})
-    tokenizer.save_pretrained(str(out_dir))
-
-
-# ------------------------------------------------------------------------------------------ resumable checkpoints
-#
-# OUT/checkpoints/step-N/            one resumable checkpoint, written as step-N.tmp and renamed when complete
-#     trainer_state.json             step, position in the data, the stage's own state, the run's configuration
-#     rng/rank_R.pt                  Python, NumPy, torch (and CUDA) random states of every rank
-#     <engine>/state/...             DeepSpeed's own save_checkpoint of each engine that trains
-#     model/ (actor/, critic/, ...)  the models as plain folders: export and chat work from any checkpoint
-# OUT/checkpoints/latest             the tag of the newest complete checkpoint, replaced last
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
 ENGINE_TAG = "state"
 
 
+# ----------------------------------------------------------------------------------------------------- RNG
 def capture_rng() -> dict:
+    """Every random state as tensors and plain numbers, so that it loads with weights_only=True."""
     import random
 
     import numpy as np
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    state = {"python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+             "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                       "pos": np_state["state"]["pos"], "has_gauss": np_state["has_gauss"],
+                       "gauss": np_state["gauss"]},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -129,108 +68,221 @@ def restore_rng(state: dict) -> None:
 
     import numpy as np
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal.tolist()), gauss))
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937", "state": {"key": n["key"].numpy().astype(np.uint32),
+                                                                "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ----------------------------------------------------------------------------------------------- manifest
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    """The files a manifest covers: all but itself and the universal conversions made later from the files."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST
+                  and f"{ENGINE_TAG}_universal" not in p.relative_to(folder).parts)
+
+
+def _hash_shared(folder: Path) -> dict[str, str]:
+    """sha256 of every file in `folder`, the files split over the ranks (each reads its share over the shared
+    storage), then gathered on every rank. Collective."""
+    files = _files(folder)
+    mine = {str(p.relative_to(folder)): _sha256(p) for p in files[dist.rank()::dist.world_size()]}
+    hashes: dict[str, str] = {}
+    for part in dist.all_gather_object(mine):
+        hashes.update(part)
+    return hashes
+
+
+def verify_manifest(step_dir: Path) -> None:
+    """Refuse a checkpoint whose files are missing, truncated or changed since it was saved. Collective."""
+    problem = None
+    try:
+        recorded = json.loads((step_dir / MANIFEST).read_text())["sha256"]
+    except (OSError, ValueError, KeyError):
+        problem = f"{step_dir}: no readable {MANIFEST}; the checkpoint is incomplete or not rlhf_ds's"
+        recorded = {}
+    problem = dist.first_problem(problem)
+    if problem:
+        raise UserError(f"{problem}; resume from another one (--resume PATH) or start afresh")
+    found = _hash_shared(step_dir)
+    wrong = sorted(name for name in recorded if found.get(name) != recorded[name])
+    extra = sorted(set(found) - set(recorded))
+    if wrong or extra:
+        what = (f"{len(wrong)} file(s) differ from when it was saved ({', '.join(wrong[:3])})" if wrong else
+                f"{len(extra)} file(s) were added after it was saved ({', '.join(extra[:3])})")
+        raise UserError(f"{step_dir}: {what}; it was not loaded. Resume from another checkpoint (--resume PATH) or "
+                        f"start afresh (--overwrite_output_dir)")
+
+
+# ------------------------------------------------------------------------------------------------- where
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under OUT/checkpoints, oldest save first."""
+    found = [p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
+             and (p / STATE_FILE).is_file() and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: (p / MANIFEST).stat().st_mtime)
+
+
 def latest_checkpoint(path: str | Path) -> Path | None:
-    """The newest complete checkpoint under an output folder, a checkpoints folder, or a step folder itself."""
+    """The checkpoint to continue from, under an output folder, a checkpoints folder, or a step folder itself:
+    the one `latest` names, or, when `latest` names nothing complete, the newest complete one (said in a line)."""
     path = Path(path)
     if (path / STATE_FILE).is_file():
         return path
     root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
     pointer = root / LATEST
-    if not pointer.is_file():
-        return None
-    step_dir = root / pointer.read_text().strip()
-    return step_dir if (step_dir / STATE_FILE).is_file() else None
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if (named / STATE_FILE).is_file() and (named / MANIFEST).is_file():
+            return named
+    complete = complete_checkpoints(root)
+    if complete:
+        logger.warning("%s names no complete checkpoint: using the newest complete one, %s", pointer,
+                       complete[-1].name)
+        return complete[-1]
+    return None
 
 
-def die_if_asked(point: str, step: int) -> None:
-    """Fault injection for the tests: RLHF_DS_DIE_AT=step:N kills this process with SIGKILL right after step N,
-    save:N in the middle of writing checkpoint N (engines written, folder not yet renamed)."""
-    if os.environ.get("RLHF_DS_DIE_AT") == f"{point}:{step}" and dist.is_main():
-        import signal
+def clean_partial_saves(out: Path) -> None:
+    """Rank 0: remove the step-N.tmp folders a killed or failed save left (rlhf_ds's own, never complete)."""
+    root = out / CHECKPOINTS
+    if dist.is_main() and root.is_dir():
+        for tmp in root.glob("step-*.tmp"):
+            logger.info("removing %s, a save that never completed", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
 
-        os.kill(os.getpid(), signal.SIGKILL)
+
+# ------------------------------------------------------------------------------------------------- save
+def estimate_bytes(root: Path) -> int:
+    complete = complete_checkpoints(root)
+    if not complete:
+        return 0
+    return sum(p.stat().st_size for p in complete[-1].rglob("*") if p.is_file())
 
 
 def save_resumable(out: Path, step: int, engines: dict, state: dict, write_models: Callable[[Path], None],
-                   keep: int | None = None) -> Path:
-    """Every rank saves its engines' shards and RNG into OUT/checkpoints/step-N.tmp; rank 0 adds the trainer state
-    and the model folders, renames the folder and then points `latest` at it. Collective."""
+                   keep: int | None = None) -> Path | None:
+    """Every rank saves its engines' shards and RNG into OUT/checkpoints/step-N.tmp and rank 0 the trainer state
+    and the model folders; the files are hashed into the manifest and flushed to disk; only when every rank
+    succeeded is the folder renamed and `latest` moved. A failed save (a full disk on any rank) is removed, and
+    every rank raises the same one-line error: the previous checkpoint stays `latest`. Collective."""
     root = out / CHECKPOINTS
     tag = f"step-{step}"
     tmp = root / f"{tag}.tmp"
-    started = time.perf_counter()
-    if dist.is_main():
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        (tmp / "rng").mkdir(parents=True)
-    dist.barrier()
-    for name, engine in engines.items():
-        # frozen weights (a LoRA base, a frozen backbone) are reloaded from the model itself: do not copy them
-        frozen = any(not p.requires_grad for p in engine.module.parameters())
-        engine.save_checkpoint(str(tmp / name), tag=ENGINE_TAG, save_latest=False, exclude_frozen_parameters=frozen)
-    rng = capture_rng()
-    torch.save(rng, tmp / "rng" / f"rank_{dist.rank()}.pt")
-    write_models(tmp)  # collective: gathers the weights; rank 0 writes the folders
-    restore_rng(rng)  # building the exported models initialises weights: the run must not see that
-    dist.barrier()
-    die_if_asked("save", step)
     final = root / tag
+    started = time.perf_counter()
+    problem = None
     if dist.is_main():
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            (tmp / "rng").mkdir(parents=True)
+            need, free = estimate_bytes(root), shutil.disk_usage(root).free
+            if need and free < need * 1.1:
+                problem = (f"checkpoint {tag} needs about {need / 2**30:.1f} GiB (the size of the last one) and "
+                           f"{root} has {free / 2**30:.1f} GiB free")
+        except OSError as err:
+            problem = f"rank 0 could not prepare {tmp}: {err}"
+    problem = dist.first_problem(problem)
+    rng = capture_rng()
+    if problem is None:
+        try:
+            fail_save_if_asked(step)
+            for name, engine in engines.items():
+                # frozen weights (a LoRA base, a frozen backbone) are reloaded from the model itself: not copied
+                frozen = any(not p.requires_grad for p in engine.module.parameters())
+                engine.save_checkpoint(str(tmp / name), tag=ENGINE_TAG, save_latest=False,
+                                       exclude_frozen_parameters=frozen)
+            torch.save(rng, tmp / "rng" / f"rank_{dist.rank()}.pt")
+        except OSError as err:
+            problem = f"rank {dist.rank()} could not write {tmp}: {err}"
+    problem = dist.first_problem(problem)
+    if problem is None:
+        try:
+            write_models(tmp)  # collective: gathers the weights; rank 0 writes the folders
+        except OSError as err:
+            problem = f"rank {dist.rank()} could not write the models into {tmp}: {err}"
+        finally:
+            restore_rng(rng)  # building the exported models initialises weights: the run must not see that
+    problem = dist.first_problem(problem)
+    if problem is None:
+        try:
+            if dist.is_main():
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+            dist.barrier()
+            hashes = _hash_shared(tmp)
+            if dist.is_main():
+                (tmp / MANIFEST).write_text(json.dumps({"step": step, "sha256": hashes}, indent=1))
+                fsync_tree(tmp)
+        except OSError as err:
+            problem = f"rank {dist.rank()} could not finish {tmp}: {err}"
+    problem = dist.first_problem(problem)
+    die_if_asked("save", step)
+    if problem is not None:
+        if dist.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        raise UserError(f"checkpoint {tag} was not saved ({problem}); the run stops, and the previous checkpoint "
+                        f"stays the one it resumes from. Free some space and run the same command again")
+    if dist.is_main():
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        pointer = root / f"{LATEST}.tmp"
-        pointer.write_text(tag)
-        os.replace(pointer, root / LATEST)
+        fsync_path(root)
+        write_atomic(root / LATEST, tag)
+        marker = out / ".rlhf_ds"
+        if marker.is_file():
+            record = read_marker(out) or {}
+            record["checkpoint_time"] = int(time.time())
+            write_atomic(marker, json.dumps(record, indent=2))
         if keep:
-            _prune(root, keep)
-    dist.barrier()
-    if dist.is_main():
+            prune(root, keep)
         size = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
         logger.info("saved checkpoint %s (%.1f MB, %.1f s)", final, size / 2**20, time.perf_counter() - started)
+    dist.barrier()
     return final
 
 
-def _prune(root: Path, keep: int) -> None:
-    steps = sorted((p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")),
-                   key=lambda p: int(p.name.split("-")[1]))
-    for old in steps[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+def prune(root: Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints by save time, and always the one `latest` names: after a
+    resumption from an earlier checkpoint, the abandoned later ones go first, never the run's newest."""
+    named = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    complete = complete_checkpoints(root)
+    for old in complete[:-keep]:
+        if old.name != named:
+            shutil.rmtree(old, ignore_errors=True)
 
 
+# ------------------------------------------------------------------------------------------------- load
 def load_resumable(step_dir: Path, engines: dict, universal: bool = False) -> dict:
-    """Load every engine's DeepSpeed checkpoint and this rank's RNG from a checkpoint; return the trainer state."""
-    for name, engine in engines.items():
-        tag = f"{ENGINE_TAG}_universal" if universal else ENGINE_TAG
-        path, _ = engine.load_checkpoint(str(step_dir / name), tag=tag, load_module_strict=False,
-                                         load_optimizer_states=True, load_lr_scheduler_states=True)
-        if path is None:
-            raise UserError(f"{step_dir / name}: DeepSpeed could not load the {name} engine's checkpoint")
-    rng = step_dir / "rng" / f"rank_{dist.rank()}.pt"
-    if rng.is_file() and not universal:  # after a change of layout the ranks start their own streams
-        restore_rng(torch.load(rng, weights_only=False))
+    """Check the manifest, then load every engine's DeepSpeed checkpoint and this rank's RNG, never unpickling
+    code; returns the trainer state. Collective."""
+    verify_manifest(step_dir)
+    with weights_only_loads(step_dir):
+        for name, engine in engines.items():
+            tag = f"{ENGINE_TAG}_universal" if universal else ENGINE_TAG
+            path, _ = engine.load_checkpoint(str(step_dir / name), tag=tag, load_module_strict=False,
+                                             load_optimizer_states=True, load_lr_scheduler_states=True)
+            if path is None:
+                raise UserError(f"{step_dir / name}: DeepSpeed could not load the {name} engine's checkpoint")
+        rng = step_dir / "rng" / f"rank_{dist.rank()}.pt"
+        if rng.is_file() and not universal:  # after a change of layout the ranks start their own streams
+            restore_rng(torch.load(rng))
     return json.loads((step_dir / STATE_FILE).read_text())
 
 
-def truncate_run_logs(out: Path, step: int) -> None:
-    """Rank 0: drop the lines of OUT's run logs logged after `step` (a resumed run logs them again)."""
-    if not dist.is_main():
-        return
-    for path in (out / name for name in RUN_LOGS):
-        if path.is_file():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= step]
-            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-
+# ------------------------------------------------------------------------------------------------- plan
 # Settings that may change between a run and its resumption (they do not change what was trained so far).
 RESUMABLE_CHANGES = ("num_train_epochs", "max_steps", "learning_rate", "logging_steps", "save_steps",
                      "save_total_limit", "eval_steps", "report_to", "dist_timeout")
@@ -238,12 +290,17 @@ TOPOLOGY = ("world_size", "zero_stage", "actor_zero_stage", "critic_zero_stage")
 
 
 def plan_resume(out: Path, resume: str, overwrite: bool, finished_marker: str, config: dict,
-                universal: bool) -> tuple[Path | None, bool]:
+                universal: bool, requeue: str | None = None) -> tuple[Path | None, bool]:
     """Before anything is built: start fresh, or resume from which checkpoint. Returns (checkpoint or None,
-    whether it needs DeepSpeed's universal conversion). Refuses a checkpoint written with another configuration."""
+    whether it needs DeepSpeed's universal conversion). Refuses a checkpoint written with another configuration.
+    `requeue` (why this start continues the same job) turns --overwrite_output_dir into a resumption when the
+    job already wrote a checkpoint: a requeued job must not delete the checkpoint it should resume from."""
     if overwrite:
-        return None, False
-    if resume not in ("auto", ""):
+        ckpt = latest_checkpoint(out) if requeue else None
+        if ckpt is None:
+            return None, False
+        logger.info("--overwrite_output_dir not applied: %s, and it saved %s; resuming from it", requeue, ckpt.name)
+    elif resume not in ("auto", ""):
         ckpt = latest_checkpoint(resume)
         if ckpt is None:
             raise UserError(f"--resume {resume}: no complete checkpoint there (a folder with {STATE_FILE}, or an "
@@ -259,7 +316,8 @@ def plan_resume(out: Path, resume: str, overwrite: bool, finished_marker: str, c
     topology = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in config.items()
                 if k in TOPOLOGY and saved.get(k) != v]
     if diffs:
-        raise UserError(f"{ckpt} was written by a run with another configuration ({'; '.join(diffs)}); pass "
+        hint = " (--precision sets it explicitly)" if any(d.startswith("precision:") for d in diffs) else ""
+        raise UserError(f"{ckpt} was written by a run with another configuration ({'; '.join(diffs)}){hint}; pass "
                         f"--overwrite_output_dir to start afresh, or choose another --output_dir")
     if topology and not universal:
         raise UserError(f"{ckpt} was written with {'; '.join(topology)}; pass --universal_checkpoint to convert "
@@ -269,6 +327,7 @@ def plan_resume(out: Path, resume: str, overwrite: bool, finished_marker: str, c
 
 def convert_to_universal(ckpt: Path, engine_names: list[str]) -> None:
     """Rank 0 converts each engine's checkpoint into DeepSpeed's universal format (once), next to it."""
+    verify_manifest(ckpt)
     if dist.is_main():
         from rlhf_ds.engines.ds_compat import convert_to_universal as ds_to_universal
 
@@ -277,5 +336,6 @@ def convert_to_universal(ckpt: Path, engine_names: list[str]) -> None:
             if target.exists():
                 continue
             logger.info("converting %s to a universal checkpoint", ckpt / name)
-            ds_to_universal(ckpt / name / ENGINE_TAG, target)
+            with weights_only_loads(ckpt):
+                ds_to_universal(ckpt / name / ENGINE_TAG, target)
     dist.barrier()

@@ -107,12 +107,14 @@ def _start_heartbeat() -> None:
     store.set(f"{_HB}who/{me}", f"{socket.gethostname()} pid {os.getpid()}")
 
     def beat() -> None:
+        failures = 0
         while True:
             try:
                 store.add(f"{_HB}beat/{me}", 1)
-            except Exception:  # the store is gone (its host died): nothing left to report to
-                return
-            time.sleep(HEARTBEAT_S)
+                failures = 0
+            except Exception:  # noqa: BLE001 - a passing store error (a busy store, a network blip): keep trying;
+                failures += 1  # a store that is gone for good is found by lost_ranks, not here
+            time.sleep(HEARTBEAT_S * min(1 + failures, 5))
 
     threading.Thread(target=beat, name="rlhf_ds-heartbeat", daemon=True).start()
 
@@ -127,13 +129,15 @@ def lost_ranks() -> list[str] | None:
     try:
         store = _store()
         store.set_timeout(datetime.timedelta(seconds=10))
-        first = [store.add(f"{_HB}beat/{r}", 0) for r in range(world_size())]
-        time.sleep(3 * HEARTBEAT_S)
-        second = [store.add(f"{_HB}beat/{r}", 0) for r in range(world_size())]
+        counts = [[store.add(f"{_HB}beat/{r}", 0) for r in range(world_size())]]
+        for _ in range(2):  # a rank is named only when its counter stood still in two windows in a row
+            time.sleep(3 * HEARTBEAT_S)
+            counts.append([store.add(f"{_HB}beat/{r}", 0) for r in range(world_size())])
         names = [store.get(f"{_HB}who/{r}").decode() for r in range(world_size())]
-    except Exception:
+    except Exception:  # noqa: BLE001 - the store cannot be reached at all
         return None
-    return [f"rank {r} ({names[r]})" for r in range(world_size()) if second[r] == first[r] and r != rank()]
+    return [f"rank {r} ({names[r]})" for r in range(world_size())
+            if r != rank() and counts[0][r] == counts[1][r] == counts[2][r]]
 
 
 def rank() -> int:
@@ -182,6 +186,14 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     tdist.all_gather_object(out, obj)
     return out
+
+
+def first_problem(problem: str | None) -> str | None:
+    """Every rank learns the first problem any rank met (None when none did), so that all of them stop together
+    with the same message instead of one raising while the others wait at the next collective."""
+    if not tdist.is_initialized() or world_size() == 1:
+        return problem
+    return next((p for p in all_gather_object(problem) if p), None)
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -15,15 +15,26 @@ from typing import Callable
 
 import torch
 
-from rlhf_ds.checkpoint import is_adapter_dir
+from rlhf_ds.models.saving import is_adapter_dir
 from rlhf_ds.errors import UserError
 
 
+EXPORTED = ".rlhf_ds_export"  # in every folder export writes: only such a folder is ever replaced
+
+
 def publish_dir(write: Callable[[Path], None], dest: Path) -> None:
-    """Rank 0: write(tmp) fills `dest.tmp`, which is then renamed to `dest` in one step."""
+    """write(tmp) fills `dest.tmp`, which is then renamed to `dest` in one step. An existing `dest` is replaced only
+    when an earlier export wrote it (or it is empty): a folder of anything else is refused, never deleted."""
+    if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not (dest / EXPORTED).is_file())):
+        raise UserError(f"--output_dir {dest} already exists and was not written by export.py; choose a new folder "
+                        f"(nothing was deleted)")
     tmp = dest.with_name(dest.name + ".tmp")
-    if tmp.exists():
+    if tmp.exists() and (tmp / EXPORTED).is_file():
         shutil.rmtree(tmp)
+    elif tmp.exists():
+        raise UserError(f"{tmp} is in the way and was not written by export.py; move it")
+    tmp.mkdir(parents=True)
+    (tmp / EXPORTED).write_text("written by rlhf_ds export.py\n")  # first: a killed export's leftover is ours too
     write(tmp)
     if dest.exists():
         shutil.rmtree(dest)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_ds.checkpoint import is_adapter_dir
+from rlhf_ds.models.saving import is_adapter_dir
 from rlhf_ds.data.template import render_prompt, resolve_template
 from rlhf_ds.errors import UserError
 from rlhf_ds.export import adapter_base

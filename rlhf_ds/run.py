@@ -14,10 +14,12 @@ from typing import Any, Callable
 
 from rlhf_ds import dist
 from rlhf_ds.args import RuntimeArguments, TrainingArguments
-from rlhf_ds.checkpoint import (check_output_dir, convert_to_universal, die_if_asked, load_resumable, plan_resume,
-                                publish_files, save_resumable, truncate_run_logs)
+from rlhf_ds.checkpoint import (clean_partial_saves, convert_to_universal, load_resumable, plan_resume,
+                                save_resumable)
+from rlhf_ds.faults import die_if_asked
 from rlhf_ds.engines.precision import Precision, run_precision
 from rlhf_ds.errors import Preempted
+from rlhf_ds.outputs import claim, is_requeue, publish_files, start_fresh, truncate_run_logs
 from rlhf_ds.tracking import Tracker, setup_logging
 
 logger = logging.getLogger("rlhf_ds")
@@ -31,6 +33,7 @@ class Run:
         self.resume_from: Path | None = None
         self.universal = False
         self.tracker: Tracker | None = None
+        self.lock = None
         self.precision: Precision | None = None
         self._started = time.time()
 
@@ -47,18 +50,23 @@ class Run:
         return self.precision
 
     def open_output(self, resume_config: dict[str, Any], flags: dict[str, Any]) -> None:
-        """Decide between a fresh start and a resumption (refusing a checkpoint written with other settings),
-        prepare --output_dir, and record every flag and the precision in training_args.json."""
+        """Lock --output_dir, decide between a fresh start and a resumption (refusing a checkpoint written with
+        other settings, and never letting --overwrite_output_dir delete what a requeued job should resume from),
+        prepare the folder, and record every flag and the precision in training_args.json."""
         args = self.args
+        self.lock, foreign = claim(self.out, self.name)
+        requeue = is_requeue(self.out)
         self.resume_from, self.universal = plan_resume(self.out, args.resume, args.overwrite_output_dir,
                                                        self.finished_marker, resume_config,
-                                                       args.universal_checkpoint)
-        self.out = check_output_dir(args.output_dir, args.overwrite_output_dir, self.finished_marker,
-                                    keep=self.resume_from is not None)
+                                                       args.universal_checkpoint, requeue)
+        if self.resume_from is None:
+            start_fresh(self.out, args.overwrite_output_dir, self.finished_marker, foreign)
+        clean_partial_saves(self.out)
         if dist.is_main():
             record = {**flags, **self.precision.record()}
             (self.out / "training_args.json").write_text(json.dumps(record, indent=2, ensure_ascii=False,
                                                                     default=str))
+        dist.barrier()
 
     def universal_engines(self, ds_configs: dict[str, dict], names: list[str]) -> None:
         """When resuming on another layout: convert the checkpoint once and tell these engines to load it."""
@@ -104,3 +112,5 @@ class Run:
     def close(self) -> None:
         if self.tracker is not None:
             self.tracker.close()
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()

@@ -92,18 +92,14 @@ class Tracker:
 
 
 def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
-    rows = []
+    from rlhf_ds.outputs import read_log_lines
+
     p = Path(path)
     if p.is_dir():
         p = p / METRICS_FILE
     if not p.is_file():
-        return rows
-    for line in p.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            if kind is None or row.get("kind") == kind:
-                rows.append(row)
-    return rows
+        return []
+    return [row for row in read_log_lines(p) if kind is None or row.get("kind") == kind]
 
 
 PROGRESS_SECONDS = float(os.environ.get("RLHF_DS_PROGRESS_SECONDS", "25"))

@@ -72,6 +72,26 @@ def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, pe
     return -penalty * over / buffer
 
 
+def length_penalty(lengths: torch.Tensor, per_token: float) -> torch.Tensor:
+    """A length-penalised reward: per_token times each answer's length, to subtract from its score."""
+    return per_token * lengths.float()
+
+
+def length_runaway(lengths: list[float], rewards: list[float], growth: float, window: int = 3) -> str | None:
+    """Why a run should stop because its answers grow while its reward rises (the reward model paying for length),
+    or None: the mean length of the last `window` steps above (1 + growth) times that of the first, with the mean
+    reward up too."""
+    if len(lengths) < 2 * window:
+        return None
+    first_len, last_len = sum(lengths[:window]) / window, sum(lengths[-window:]) / window
+    first_rew, last_rew = sum(rewards[:window]) / window, sum(rewards[-window:]) / window
+    if last_len > (1 + growth) * first_len and last_rew > first_rew:
+        return (f"the mean answer length grew from {first_len:.1f} to {last_len:.1f} tokens (+"
+                f"{last_len / max(first_len, 1e-9) - 1:.0%}, more than --max_length_growth {growth:.0%}) while the "
+                f"reward rose from {first_rew:.3f} to {last_rew:.3f}")
+    return None
+
+
 def place_scores(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-token rewards [B, T]: each sequence's score on its last response token, 0 elsewhere. A row with no
     response token gets nothing."""

@@ -19,7 +19,39 @@ class PairCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         seqs = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
         input_ids, attention_mask = pad_sequences(seqs, self.pad_id, self.padding_side)
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "chosen_prompt_len" in rows[0]:  # answer lengths, for losses that look at them
+            batch["answer_tokens"] = torch.tensor([len(r[f"{side}_ids"]) - r[f"{side}_prompt_len"]
+                                                   for side in ("chosen", "rejected") for r in rows])
+        if "pair_weight" in rows[0]:
+            batch["pair_weight"] = torch.tensor([float(r["pair_weight"]) for r in rows])
+        return batch
+
+
+class PreferenceCollator:
+    """Preference pairs for a policy (DPO): one batch of 2B rows, the B chosen sequences then the B rejected ones,
+    with `answer_mask` marking each row's answer tokens (never the prompt or the padding). Left padding by default:
+    every answer then ends at the last column, so the policy's logits are needed for the last positions only."""
+
+    def __init__(self, pad_id: int, padding_side: str = "left"):
+        self.pad_id = pad_id
+        self.padding_side = padding_side
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        seqs = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+        prompt_lens = [r["chosen_prompt_len"] for r in rows] + [r["rejected_prompt_len"] for r in rows]
+        input_ids, attention_mask = pad_sequences(seqs, self.pad_id, self.padding_side)
+        width = input_ids.shape[1]
+        positions = torch.arange(width).unsqueeze(0)
+        starts = torch.tensor([(width - len(s) if self.padding_side == "left" else 0) + p
+                               for s, p in zip(seqs, prompt_lens)]).unsqueeze(1)
+        answer_mask = (positions >= starts).long() * attention_mask
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "answer_mask": answer_mask}
+        for side in ("chosen", "rejected"):
+            key = f"ref_{side}_logps"
+            if key in rows[0]:
+                batch[key] = torch.tensor([float(r[key]) for r in rows])
+        return batch
 
 
 class SFTCollator:

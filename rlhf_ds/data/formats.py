@@ -133,10 +133,11 @@ def split_dialogue(chosen: str, rejected: str, source: str, index: int) -> tuple
     return messages, chosen[end:].strip(), rejected[end:].strip()
 
 
-def _preference_rows(fmt: str, record: dict, source: str, index: int) -> list[tuple[list, str, str]]:
+def _preference_rows(fmt: str, record: dict, source: str, index: int,
+                     max_answers: int | None = None) -> list[tuple[list, str, str]]:
     if fmt == "ranked":
         prompt = _instruction_messages(record, source, index)
-        outs = _ranked_outputs(record, source, index)
+        outs = _ranked_outputs(record, source, index)[:max_answers]
         return [(prompt, outs[i], outs[j]) for i in range(len(outs)) for j in range(i + 1, len(outs))]
     if fmt == "pairwise":
         prompt = _instruction_messages(record, source, index)
@@ -173,7 +174,8 @@ def check_record(fmt: str, kind: str, record: Any, source: str, index: int) -> N
         _sft_row(fmt, record, source, index)
 
 
-def normaliser(fmt: str, kind: str, source: str) -> Callable[[dict[str, list], list[int]], dict[str, list]]:
+def normaliser(fmt: str, kind: str, source: str,
+               max_answers: int | None = None) -> Callable[[dict[str, list], list[int]], dict[str, list]]:
     """A batched `Dataset.map` function (with_indices=True) from raw `fmt` columns to the `kind` columns."""
     if kind not in KINDS:
         raise ValueError(kind)
@@ -188,7 +190,7 @@ def normaliser(fmt: str, kind: str, source: str) -> Callable[[dict[str, list], l
         for row, index in enumerate(indices):
             record = {k: batch[k][row] for k in keys}
             if kind == "preference":
-                for prompt, chosen, rejected in _preference_rows(fmt, record, source, index):
+                for prompt, chosen, rejected in _preference_rows(fmt, record, source, index, max_answers):
                     out["prompt"].append(prompt)
                     out["chosen"].append(chosen)
                     out["rejected"].append(rejected)

@@ -101,7 +101,7 @@ def _fingerprint(*parts: Any) -> str:
 
 def load_examples(spec: str, kind: str, dataset_dir: str, dataset_format: str | None = None,
                   max_samples: int | None = None, keep_ties: bool = False,
-                  report: DataReport | None = None) -> datasets.Dataset:
+                  report: DataReport | None = None, max_answers_per_record: int = 10) -> datasets.Dataset:
     """Load the comma-separated datasets in `spec` as normalised `kind` examples ('preference' or 'sft')."""
     if kind not in KINDS:
         raise ValueError(kind)
@@ -118,14 +118,21 @@ def load_examples(spec: str, kind: str, dataset_dir: str, dataset_format: str | 
         _configure_progress(n_records)
         if max_samples is not None and max_samples < n_records:
             raw = raw.select(range(max_samples))
-        fp = _fingerprint(file_sha1(source.path), fmt, kind, len(raw), NORMALISE_VERSION)
-        examples = raw.map(normaliser(fmt, kind, str(source.path)), batched=True, with_indices=True,
+        fp = _fingerprint(file_sha1(source.path), fmt, kind, len(raw), NORMALISE_VERSION, max_answers_per_record)
+        capped = 0
+        if kind == "preference" and fmt == "ranked":
+            capped = sum(len(o) > max_answers_per_record for o in raw["output"] if isinstance(o, list))
+        examples = raw.map(normaliser(fmt, kind, str(source.path), max_answers_per_record), batched=True,
+                           with_indices=True,
                            remove_columns=raw.column_names, new_fingerprint=fp,
                            desc=f"checking {item}")
         used = f"{len(raw)} of {n_records}" if len(raw) < n_records else f"{n_records}"
         line = f"{item}: {used} records ({fmt}) from {source.path}"
         if kind == "preference":
             line += f" -> {len(examples)} pairs"
+            if capped:
+                line += (f"; {capped} record(s) rank more than {max_answers_per_record} answers: only the pairs among "
+                         f"their best {max_answers_per_record} were kept (--max_answers_per_record)")
             ties = examples.filter(lambda ex: ex["chosen"] == ex["rejected"], desc="counting ties")
             if len(ties):
                 if keep_ties:
@@ -133,6 +140,10 @@ def load_examples(spec: str, kind: str, dataset_dir: str, dataset_format: str | 
                 else:
                     examples = examples.filter(lambda ex: ex["chosen"] != ex["rejected"], desc="dropping ties")
                     line += f"; dropped {len(ties)} ties (chosen == rejected; --keep_ties keeps them)"
+                    if len(examples) == 0:
+                        raise UserError(f"{source.path}: every one of its {len(ties)} pairs is a tie (the chosen and "
+                                        f"the rejected answer are the same text), so there is nothing to learn "
+                                        f"from; fix the file, or pass --keep_ties to use them anyway")
         if source.note:
             line += f" [{source.note}]"
         report.add(line)
@@ -179,17 +190,19 @@ def _encode_responses(tokenizer, responses: list[str]) -> list[list[int]]:
 
 def tokenize_preference(examples: datasets.Dataset, tokenizer, template: str, max_length: int,
                         report: DataReport | None = None, name: str = "train") -> datasets.Dataset:
-    """Add chosen_ids / rejected_ids (prompt + answer + EOS), their longer length, and the truncation flags."""
+    """Add chosen_ids / rejected_ids (prompt + answer + EOS), where each answer starts (chosen_prompt_len,
+    rejected_prompt_len: for losses on the answer tokens only), their longer length, and the truncation flags."""
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         prompts = _encode_prompts(tokenizer, batch["prompt"], template)
-        out: dict[str, list] = {"chosen_ids": [], "rejected_ids": [], "prompt_cut": [], "answer_cut": [],
-                                "length": []}
+        out: dict[str, list] = {"chosen_ids": [], "rejected_ids": [], "chosen_prompt_len": [],
+                                "rejected_prompt_len": [], "prompt_cut": [], "answer_cut": [], "length": []}
         for side in ("chosen", "rejected"):
             answers = _encode_responses(tokenizer, batch[side])
             for i, (p, r) in enumerate(zip(prompts, answers)):
                 p2, r2, p_cut, r_cut = fit_to_length(p, r, max_length)
                 out[f"{side}_ids"].append(p2 + r2)
+                out[f"{side}_prompt_len"].append(len(p2))
                 if side == "chosen":
                     out["prompt_cut"].append(p_cut)
                     out["answer_cut"].append(r_cut)
@@ -202,6 +215,15 @@ def tokenize_preference(examples: datasets.Dataset, tokenizer, template: str, ma
     _configure_progress(len(examples))
     tokenized = examples.map(encode, batched=True, desc=f"tokenising {name}")
     _report_truncation(tokenized, max_length, report, name)
+    same = tokenized.filter(lambda ex: ex["chosen_ids"] == ex["rejected_ids"], desc="finding identical pairs")
+    if len(same):
+        tokenized = tokenized.filter(lambda ex: ex["chosen_ids"] != ex["rejected_ids"], desc="dropping them")
+        if report is not None:
+            report.add(f"{name}: {len(same)} pair(s) became identical once cut to --max_length {max_length} (their "
+                       f"answers differ only after the cut): dropped")
+        if len(tokenized) == 0:
+            raise UserError(f"{name}: every pair is identical once cut to --max_length {max_length}; raise "
+                            f"--max_length")
     return tokenized
 
 

@@ -4,6 +4,7 @@ for. When DeepSpeed changes, this is the file to check (the tests that cover eac
 from __future__ import annotations
 
 import contextlib
+import pickle
 from argparse import Namespace
 from pathlib import Path
 from typing import Iterator
@@ -79,3 +80,39 @@ def convert_to_universal(input_folder: Path, output_folder: Path) -> None:
     ds_to_universal(Namespace(input_folder=str(input_folder), output_folder=str(output_folder),
                               num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
                               inject_missing_state=True))
+
+
+def checkpoint_allow_list() -> list:
+    """The classes besides tensors and containers that DeepSpeed 0.19 pickles into its checkpoint files: its loss
+    scalers and the ZeRO stage enum (found by reading the pickles' globals; tests/test_resume.py loads every kind
+    of checkpoint the tests write through this list)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum]
+
+
+@contextlib.contextmanager
+def weights_only_loads(where: Path) -> Iterator[None]:
+    """Make every torch.load inside (DeepSpeed's checkpoint engine and universal conversion call torch.load with
+    weights_only=False) load with weights_only=True and the allow-list above: a checkpoint file never runs code.
+    A file that needs anything else is refused with one line."""
+    from rlhf_ds.errors import UserError
+
+    original = torch.load
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            with torch.serialization.safe_globals(checkpoint_allow_list()):
+                return original(f, *args, **kwargs)
+        except pickle.UnpicklingError as err:
+            detail = str(err).split("\n")[0][:200]
+            raise UserError(f"{f}: holds objects a checkpoint should not ({detail}); it was not loaded, and nothing in "
+                            f"it ran. Resume from a checkpoint written by rlhf_ds (under {where})") from None
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original

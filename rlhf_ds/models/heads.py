@@ -30,7 +30,10 @@ HEAD_WEIGHTS = "value_head.safetensors"
 
 
 class ScalarHeadModel(nn.Module):
-    def __init__(self, backbone: nn.Module, head_init: str = "normal"):
+    """`length_head`: a second head that only training sees (ODIN: it absorbs what length explains of the
+    preferences); the saved model, and everything that scores with it, reads value_head alone."""
+
+    def __init__(self, backbone: nn.Module, head_init: str = "normal", length_head: bool = False):
         super().__init__()
         self.backbone = backbone
         hidden = backbone.config.hidden_size
@@ -40,13 +43,23 @@ class ScalarHeadModel(nn.Module):
             nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(hidden + 1))
         else:
             nn.init.zeros_(self.value_head.weight)
+        self.length_head = nn.Linear(hidden, 1) if length_head else None
+        if self.length_head is not None:
+            nn.init.normal_(self.length_head.weight, std=1.0 / math.sqrt(hidden + 1))
+            nn.init.zeros_(self.length_head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Values for every position, float32, [batch, time]."""
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                             position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return self.value_head(hidden).squeeze(-1).float()
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, both: bool = False):
+        """Values for every position, float32, [batch, time]; with both=True also the length head's."""
+        hidden = self.hidden(input_ids, attention_mask)
+        values = self.value_head(hidden).squeeze(-1).float()
+        if both:
+            return values, self.length_head(hidden).squeeze(-1).float()
+        return values
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The value at each row's last real token, [batch]."""
@@ -70,6 +83,15 @@ def save_scalar_model(model: ScalarHeadModel, state_dict: dict[str, torch.Tensor
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
     (out_dir / HEAD_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def length_corrected(scores: torch.Tensor, answer_tokens: torch.Tensor, meta: dict[str, Any] | None) -> torch.Tensor:
+    """A reward model's scores with its stored length correction applied (--length_debias regress: the part of
+    the score that answer length predicts, a slope per answer token, taken off); unchanged otherwise."""
+    slope = (meta or {}).get("length_slope_per_token")
+    if not slope:
+        return scores
+    return scores - slope * answer_tokens.to(scores.dtype)
 
 
 def read_head_meta(model_dir: str | Path) -> dict[str, Any]:

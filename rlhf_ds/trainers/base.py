@@ -9,6 +9,7 @@ stop signals, periodic checkpoints and the final publish are `Trainer` and `rlhf
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
@@ -22,12 +23,19 @@ import torch
 
 from rlhf_ds import dist
 from rlhf_ds.args import to_dict
+from rlhf_ds.checkpoint import capture_rng, restore_rng
 from rlhf_ds.data.loading import DataReport
-from rlhf_ds.errors import UserError
+from rlhf_ds.errors import Preempted, UserError
+from rlhf_ds.faults import signal_if_asked
 from rlhf_ds.run import Run
 from rlhf_ds.tracking import format_metrics, progress
 
 logger = logging.getLogger("rlhf_ds")
+
+
+class StepAbandoned(Exception):
+    """Raised by a trainer at a safe point of its step (nothing trained yet) when a stop was asked for: the step
+    is undone and the checkpoint is written at once, instead of after the rest of the step."""
 
 
 @dataclass
@@ -141,6 +149,7 @@ class Trainer:
             self.setup_data()
         self._setup_schedule()
         self.build_engines()
+        signal_if_asked("setup", 0)
         self.loop = LoopState()
         if self.run_.resume_from is not None:
             self._resume()
@@ -190,6 +199,9 @@ class Trainer:
 
     def train(self) -> None:
         args, loop = self.args, self.loop
+        if self.run_.stop.requested():  # a stop asked for during set-up: nothing new to save
+            raise Preempted(f"{self.run_.stop.describe()} received during set-up, before step {loop.step + 1}; "
+                            f"nothing new to save in {self.out}")
         if self.eval_set is not None and args.eval_before_train and loop.step == 0:
             before = self.evaluate(0)
             self.metrics.update({f"init_{k}": v for k, v in before.items() if k.startswith("eval_")})
@@ -198,9 +210,14 @@ class Trainer:
         t_start = t_log = time.time()
         steps_since_log = 0
         while loop.step < self.total_steps:
+            before = (copy.deepcopy(asdict(loop)), capture_rng(), copy.deepcopy(self.state_dict()))
             batch = list(itertools.islice(items, self.items_per_step))
             t0 = time.time()
-            figures = self.train_step(batch)
+            try:
+                figures = self.train_step(batch)
+            except StepAbandoned:
+                bar.close()
+                self._abandon(before)
             loop.step += 1
             steps_since_log += 1
             step = loop.step
@@ -237,6 +254,11 @@ class Trainer:
                 bar.close()
                 raise
             t_start = time.time()
+            reason = self.stop_early(row)
+            if reason:
+                logger.warning("stopping at step %d of %d: %s", step, self.total_steps, reason)
+                self.metrics["train_stopped_early"] = reason
+                break
         bar.close()
         self.metrics.update(train_runtime=loop.runtime, train_steps=loop.step,
                             train_samples_per_second=loop.step * self.items_per_step * self.rows_per_item
@@ -246,6 +268,26 @@ class Trainer:
         logger.info("trained %d steps in %.1f s", loop.step, loop.runtime)
         if self.eval_set is not None:
             self.evaluate(loop.step)
+
+    def stop_point(self) -> None:
+        """A safe point inside a step (before anything is trained): stop there if a stop was asked for."""
+        if self.run_.stop.requested():
+            raise StepAbandoned()
+
+    def _abandon(self, before) -> None:
+        """Undo the started step (where the data and the random streams stood, the trainer's state) and save the
+        checkpoint of the last finished step now."""
+        loop_state, rng, state = before
+        for key, value in loop_state.items():
+            setattr(self.loop, key, value)
+        restore_rng(rng)
+        self.load_state_dict(state)
+        logger.info("%s received during step %d: the step is left undone%s", self.run_.stop.describe(),
+                    self.loop.step + 1, f" and step {self.loop.step} is saved now" if self.loop.step else "")
+        if self.loop.step:
+            self.save_checkpoint(self.loop.step)
+        raise Preempted(f"{self.run_.stop.describe()} received: checkpoint saved at step {self.loop.step} in "
+                        f"{self.out}")
 
     def _reduce(self, figures: dict[str, float]) -> dict[str, float]:
         """This rank's figures -> the whole run's: means over ranks, sums for `summed_metrics`."""
@@ -258,6 +300,10 @@ class Trainer:
         """Figures logged with every metrics line besides train_step's (learning rates, epoch)."""
         loop = self.loop
         return {"epoch": loop.epoch + loop.position / max(self.items_per_epoch, 1)}
+
+    def stop_early(self, row: dict[str, float]) -> str | None:
+        """Why the run should end now rather than at --max_steps (a trainer's guard), or None."""
+        return None
 
     def derived_figures(self, row: dict[str, float]) -> dict[str, float]:
         """Figures computed from a step's reduced ones (rates, shares)."""

@@ -17,10 +17,11 @@ import torch
 
 import rlhf_ds
 from rlhf_ds import dist
-from rlhf_ds.algo.losses import pairwise_loss
+from rlhf_ds.algo.losses import length_slope, odin_loss, pairwise_loss, weighted_pairwise_loss
+from rlhf_ds.algo.pairs import pair_metrics
 from rlhf_ds.algo.sequence import gather_last
-from rlhf_ds.args import DEFAULT_MAX_LENGTH, STAGE_GROUPS, DataArguments, RuntimeArguments, parse_args
-from rlhf_ds.checkpoint import gather_state_dict
+from rlhf_ds.args import DEFAULT_MAX_LENGTH, RM_GROUPS, DataArguments, RewardArguments, RuntimeArguments, parse_args
+from rlhf_ds.models.saving import gather_state_dict
 from rlhf_ds.data.collate import PairCollator, even_shards
 from rlhf_ds.data.loading import DataReport, load_examples, tokenize_preference
 from rlhf_ds.engines.ds_config import EngineSettings, engine_config
@@ -35,6 +36,7 @@ from rlhf_ds.trainers.supervised import SupervisedTrainer
 logger = logging.getLogger("rlhf_ds.rm")
 
 SCORE_STATS_SAMPLES = 512  # pairs scored for the mean/std stored with the model when there is no eval split
+REGRESS_SAMPLES = 128  # training pairs scored to fit the length slope (--length_debias regress)
 
 
 # ------------------------------------------------------------------------------------------ scoring (shared)
@@ -67,26 +69,6 @@ def score_pairs(engine, dataset, batch_size: int, collator: PairCollator, desc: 
     return [c for c, _ in ordered], [r for _, r in ordered]
 
 
-def pair_metrics(chosen: list[float], rejected: list[float], chosen_text: list[str],
-                 rejected_text: list[str], prefix: str = "eval_") -> dict[str, float]:
-    """RM accuracy beside the accuracy of "the longer answer wins" on the same pairs, loss and score stats."""
-    c = torch.tensor(chosen, dtype=torch.float64)
-    r = torch.tensor(rejected, dtype=torch.float64)
-    longer = [1.0 if len(a) > len(b) else 0.5 if len(a) == len(b) else 0.0
-              for a, b in zip(chosen_text, rejected_text)]
-    both = torch.cat([c, r])
-    return {
-        f"{prefix}accuracy": (c > r).double().mean().item(),
-        f"{prefix}length_baseline_accuracy": sum(longer) / len(longer),
-        f"{prefix}loss": pairwise_loss(c, r).item(),
-        f"{prefix}samples": len(chosen),
-        f"{prefix}score_mean": both.mean().item(),
-        f"{prefix}score_std": both.std().item() if len(both) > 1 else 0.0,
-        f"{prefix}chosen_score_mean": c.mean().item(),
-        f"{prefix}rejected_score_mean": r.mean().item(),
-    }
-
-
 def write_predictions(path: Path, dataset, chosen: list[float], rejected: list[float]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for i, (c, r) in enumerate(zip(chosen, rejected)):
@@ -106,41 +88,102 @@ class RewardTrainer(SupervisedTrainer):
     finished_marker = HEAD_META
     log_keys = ("loss", "accuracy", "chosen_score", "rejected_score")
 
+    def __init__(self, *groups):
+        super().__init__(*groups)
+        self.reward_args: RewardArguments = self.extra_args[0]
+        self.debias = self.reward_args.length_debias
+        self.length_slope: float | None = None
+
+    def resume_config(self) -> dict[str, Any]:
+        return {**super().resume_config(), "length_debias": self.debias}
+
+    def augment(self, examples):
+        """length_negatives: pairs whose rejected answer is a good answer made longer without making it better."""
+        if self.debias != "length_negatives":
+            return examples
+        padded = length_negatives(examples, self.reward_args.negatives_share, self.args.seed)
+        self.report.add(f"length_negatives: {len(padded)} padded pairs added to {len(examples)} training pairs")
+        import datasets
+
+        return datasets.concatenate_datasets([examples, padded]).shuffle(seed=self.args.seed)
+
     def tokenize(self, examples, name: str):
-        return tokenize_preference(examples, self.tokenizer, self.template, self.max_length, self.report, name=name)
+        tokenized = tokenize_preference(examples, self.tokenizer, self.template, self.max_length, self.report,
+                                        name=name)
+        if self.debias == "balanced" and name == "train":
+            tokenized = tokenized.add_column("pair_weight", balance_weights(tokenized["chosen"],
+                                                                            tokenized["rejected"]))
+        return tokenized
 
     def make_collator(self) -> PairCollator:
         return PairCollator(self.tokenizer.pad_token_id, self.tokenizer.padding_side)
 
     def loader_columns(self) -> list[str]:
-        return ["chosen_ids", "rejected_ids"]
+        columns = ["chosen_ids", "rejected_ids", "chosen_prompt_len", "rejected_prompt_len"]
+        return columns + (["pair_weight"] if "pair_weight" in self.train_set.column_names else [])
 
     def build_model(self) -> ScalarHeadModel:
         backbone = load_backbone(self.model_path, self.precision.dtype, self.ds_config)
         if self.model_args.gradient_checkpointing:
             backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return ScalarHeadModel(apply_finetuning(backbone, self.ft_args))
+        return ScalarHeadModel(apply_finetuning(backbone, self.ft_args), length_head=self.debias == "odin")
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         mask = batch["attention_mask"]
-        scores = gather_last(self.engine(input_ids=batch["input_ids"], attention_mask=mask), mask)
+        extra: dict[str, float] = {}
+        if self.debias == "odin":
+            quality, length_part = (gather_last(v, mask) for v in self.engine(
+                input_ids=batch["input_ids"], attention_mask=mask, both=True))
+            module = self.engine.module
+            loss, parts = odin_loss(quality, length_part, batch["answer_tokens"].float(), module.value_head.weight,
+                                    module.length_head.weight, self.reward_args.odin_coef)
+            extra = {k: v.item() for k, v in parts.items()}
+            scores = quality
+        else:
+            scores = gather_last(self.engine(input_ids=batch["input_ids"], attention_mask=mask), mask)
         chosen, rejected = scores.chunk(2)
-        return pairwise_loss(chosen, rejected), {"accuracy": (chosen > rejected).float().mean().item(),
-                                                 "chosen_score": chosen.mean().item(),
-                                                 "rejected_score": rejected.mean().item()}
+        if self.debias == "balanced":
+            loss = weighted_pairwise_loss(chosen, rejected, batch["pair_weight"])
+        elif self.debias != "odin":
+            loss = pairwise_loss(chosen, rejected)
+        return loss, {"accuracy": (chosen > rejected).float().mean().item(), "chosen_score": chosen.mean().item(),
+                      "rejected_score": rejected.mean().item(), **extra}
+
+    def scores(self, dataset, desc: str) -> tuple[list[float], list[float]]:
+        """Scores of every pair as PPO will read them (with the length correction of `regress`)."""
+        chosen, rejected = score_pairs(self.engine, dataset, self.rt.per_device_eval_batch_size, self.collator,
+                                       desc=desc, disable_tqdm=self.rt.disable_tqdm)
+        if self.debias == "regress":
+            if self.length_slope is None:
+                self.length_slope = self.fit_length_slope()
+            chosen = [c - self.length_slope * n for c, n in zip(chosen, answer_tokens(dataset, "chosen"))]
+            rejected = [r - self.length_slope * n for r, n in zip(rejected, answer_tokens(dataset, "rejected"))]
+        return chosen, rejected
+
+    def fit_length_slope(self) -> float:
+        """regress: how much a token of answer length adds to the score, fitted on training pairs."""
+        subset = self.train_set.select(range(min(REGRESS_SAMPLES, len(self.train_set))))
+        chosen, rejected = score_pairs(self.engine, subset, self.rt.per_device_eval_batch_size, self.collator,
+                                       desc="length slope", disable_tqdm=self.rt.disable_tqdm)
+        slope = length_slope(chosen + rejected, answer_tokens(subset, "chosen") + answer_tokens(subset, "rejected"))
+        logger.info("regress: the score rises by %.4f per answer token on %d training pairs; taken off every score",
+                    slope, len(subset))
+        return slope
 
     def evaluate(self, step: int) -> dict[str, float]:
-        chosen, rejected = score_pairs(self.engine, self.eval_set, self.rt.per_device_eval_batch_size,
-                                       self.collator, desc="evaluating", disable_tqdm=self.rt.disable_tqdm)
+        if self.debias == "regress":
+            self.length_slope = None  # refitted on the model as it is now
+        chosen, rejected = self.scores(self.eval_set, "evaluating")
         results = pair_metrics(chosen, rejected, self.eval_set["chosen"], self.eval_set["rejected"])
         self.metrics.update(results)
         if dist.is_main():
             write_predictions(self.out / "eval_predictions.jsonl", self.eval_set, chosen, rejected)
         self.tracker.log(results, step, kind="eval")
-        logger.info("eval: accuracy %.4f (length-only baseline %.4f) loss %.4f on %d pairs; scores mean %.4f "
-                    "std %.4f", results["eval_accuracy"], results["eval_length_baseline_accuracy"],
-                    results["eval_loss"], results["eval_samples"], results["eval_score_mean"],
-                    results["eval_score_std"])
+        logger.info("eval: accuracy %.4f (length-only baseline %.4f; chosen-shorter pairs %s; length-balanced %s; "
+                    "score-length correlation %.3f) loss %.4f on %d pairs", results["eval_accuracy"],
+                    results["eval_length_baseline_accuracy"],
+                    _fmt(results.get("eval_accuracy_chosen_shorter")), _fmt(results.get("eval_length_balanced_accuracy")),
+                    results["eval_score_length_correlation"], results["eval_loss"], results["eval_samples"])
         return results
 
     def _score_stats(self) -> dict[str, Any]:
@@ -149,8 +192,7 @@ class RewardTrainer(SupervisedTrainer):
             return {"score_mean": self.metrics["eval_score_mean"], "score_std": self.metrics["eval_score_std"],
                     "score_count": 2 * self.metrics["eval_samples"], "score_stats_from": "eval split"}
         subset = self.train_set.select(range(min(SCORE_STATS_SAMPLES, len(self.train_set))))
-        chosen, rejected = score_pairs(self.engine, subset, self.rt.per_device_eval_batch_size, self.collator,
-                                       desc="score statistics", disable_tqdm=self.rt.disable_tqdm)
+        chosen, rejected = self.scores(subset, "score statistics")
         stats = pair_metrics(chosen, rejected, subset["chosen"], subset["rejected"], prefix="")
         return {"score_mean": stats["score_mean"], "score_std": stats["score_std"], "score_count": 2 * len(subset),
                 "score_stats_from": f"first {len(subset)} training pairs"}
@@ -160,7 +202,9 @@ class RewardTrainer(SupervisedTrainer):
         base = str(Path(name).resolve()) if Path(name).expanduser().is_dir() else name
         meta = {"kind": "reward", "base_model": base, "finetuning_type": self.ft_args.finetuning_type,
                 "template": self.template, "max_length": self.max_length, "precision": self.precision.name,
-                "rlhf_ds_version": rlhf_ds.__version__}
+                "length_debias": self.debias, "rlhf_ds_version": rlhf_ds.__version__}
+        if self.length_slope is not None:
+            meta["length_slope_per_token"] = self.length_slope
         return {**meta, **self.score_stats} if final else meta
 
     def gather_models(self) -> dict[str, torch.Tensor] | None:
@@ -171,12 +215,50 @@ class RewardTrainer(SupervisedTrainer):
                           self.tokenizer)
 
     def save(self) -> None:
+        if self.debias == "regress" and self.length_slope is None:
+            self.length_slope = self.fit_length_slope()
         self.score_stats = self._score_stats()  # collective: every rank scores before rank 0 writes
         super().save()
 
 
+def _fmt(value) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def answer_tokens(dataset, side: str) -> list[int]:
+    return [len(ids) - n for ids, n in zip(dataset[f"{side}_ids"], dataset[f"{side}_prompt_len"])]
+
+
+def balance_weights(chosen: list[str], rejected: list[str]) -> list[float]:
+    """balanced: a weight per pair so that the chosen-shorter and the chosen-longer pairs (and those of equal
+    length) each weigh as much in total: 1 / (3 x the share of their kind) over the kinds present."""
+    kinds = [(len(c) > len(r)) - (len(c) < len(r)) for c, r in zip(chosen, rejected)]
+    counts = {k: kinds.count(k) for k in set(kinds)}
+    return [len(kinds) / (len(counts) * counts[k]) for k in kinds]
+
+
+def length_negatives(examples, share: float, seed: int):
+    """Pairs that teach "longer is not better": the chosen answer against itself made longer — repeated, or
+    followed by another record's answer — so that the longer one is the worse."""
+    import random
+
+    import datasets
+
+    rng = random.Random(seed)
+    n = int(round(share * len(examples)))
+    picks = [rng.randrange(len(examples)) for _ in range(n)]
+    rows = {"prompt": [], "chosen": [], "rejected": []}
+    for k, i in enumerate(picks):
+        good = examples[i]["chosen"]
+        filler = good if k % 2 == 0 else examples[rng.randrange(len(examples))]["chosen"]
+        rows["prompt"].append(examples[i]["prompt"])
+        rows["chosen"].append(good)
+        rows["rejected"].append(f"{good}\n\n{filler}")
+    return datasets.Dataset.from_dict(rows, features=examples.features)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return RewardTrainer(*parse_args(*STAGE_GROUPS, argv=argv)).run()
+    return RewardTrainer(*parse_args(*RM_GROUPS, argv=argv)).run()
 
 
 # ------------------------------------------------------------------------------------- evaluating a saved RM
@@ -184,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
 
 @dataclass
 class RewardEvalArguments:
-    reward_model: str = field(default="", metadata={"help": "A folder written by train_rm.py."})
+    reward_model: str = field(default="", metadata={"help": "A folder written by train_rm.py, or by train_dpo.py "
+                                                            "(its implicit reward scores the pairs)."})
     output_file: str | None = field(default=None, metadata={"help": "Where the results JSON goes (default "
                                                                     "REWARD_MODEL/eval_<dataset>.json)."})
     predictions_file: str | None = field(default=None, metadata={"help": "Also write every pair's scores "
@@ -204,7 +287,10 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     if not data_args.dataset:
         raise UserError("--dataset is required: a registered name or a preference file")
     model_dir = Path(ev.reward_model)
-    meta = read_head_meta(model_dir)
+    from rlhf_ds.trainers.dpo import DPO_META, score_with_policy
+
+    is_policy = (model_dir / DPO_META).is_file()  # a train_dpo.py output scores pairs with its implicit reward
+    meta = json.loads((model_dir / DPO_META).read_text()) if is_policy else read_head_meta(model_dir)
     # the precision the model was trained in counts as asked for (bf16: where this machine runs it fast)
     trained = meta.get("precision", "fp32")
     prec = (run_precision(rt, model_dir) if (rt.bf16 or rt.fp16 or rt.precision or rt.deepspeed) else
@@ -220,13 +306,22 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     with dist.main_process_first():
         tokenizer = load_tokenizer(model_dir, padding_side="right")
         examples = load_examples(data_args.dataset, "preference", data_args.dataset_dir, data_args.dataset_format,
-                                 data_args.max_samples, data_args.keep_ties, report)
+                                 data_args.max_samples, data_args.keep_ties, report,
+                                 max_answers_per_record=data_args.max_answers_per_record)
         dataset = tokenize_preference(examples, tokenizer, meta["template"], max_length, report, name="eval")
-    model, _ = load_scalar_model(model_dir, prec.dtype, ds_config)
-    engine = create_inference_engine(model, ds_config)
-    collator = PairCollator(tokenizer.pad_token_id, tokenizer.padding_side)
-    chosen, rejected = score_pairs(engine, dataset, rt.per_device_eval_batch_size, collator, desc="scoring",
-                                   disable_tqdm=rt.disable_tqdm)
+    if is_policy:
+        chosen, rejected = score_with_policy(model_dir, meta, dataset, tokenizer, prec.dtype, ds_config,
+                                             rt.per_device_eval_batch_size, rt.disable_tqdm)
+    else:
+        model, _ = load_scalar_model(model_dir, prec.dtype, ds_config)
+        engine = create_inference_engine(model, ds_config)
+        collator = PairCollator(tokenizer.pad_token_id, tokenizer.padding_side)
+        chosen, rejected = score_pairs(engine, dataset, rt.per_device_eval_batch_size, collator, desc="scoring",
+                                       disable_tqdm=rt.disable_tqdm)
+        slope = meta.get("length_slope_per_token")
+        if slope:  # --length_debias regress: the length correction stored with the model
+            chosen = [c - slope * n for c, n in zip(chosen, answer_tokens(dataset, "chosen"))]
+            rejected = [r - slope * n for r, n in zip(rejected, answer_tokens(dataset, "rejected"))]
     results = pair_metrics(chosen, rejected, dataset["chosen"], dataset["rejected"])
     if dist.is_main():
         slug = "".join(ch if ch.isalnum() else "_" for ch in Path(data_args.dataset).stem)

@@ -6,6 +6,7 @@ A subclass says what its data is (`kind`, `tokenize`, `make_collator`, `loader_c
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -44,6 +45,13 @@ class SupervisedTrainer(Trainer):
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
+    def augment(self, examples):
+        """Training examples a stage adds to the data it was given (none by default)."""
+        return examples
+
+    def tokenizer_source(self) -> Path:
+        return self.model_path
+
     # ------------------------------------------------------------------------------------------ the hooks
     def resume_config(self) -> dict[str, Any]:
         return {**super().resume_config(), "max_length": self.data_args.max_length,
@@ -53,10 +61,10 @@ class SupervisedTrainer(Trainer):
         d = self.data_args
         self.max_length = d.max_length or DEFAULT_MAX_LENGTH
         self.model_path = resolve_model_path(self.model_args.model_name_or_path)
-        self.tokenizer = load_tokenizer(self.model_path, padding_side="right")
+        self.tokenizer = load_tokenizer(self.tokenizer_source(), padding_side="right")
         self.template = resolve_template(self.tokenizer, self.model_args.template)
         load = dict(dataset_dir=d.dataset_dir, dataset_format=d.dataset_format, max_samples=d.max_samples,
-                    keep_ties=d.keep_ties, report=self.report)
+                    keep_ties=d.keep_ties, report=self.report, max_answers_per_record=d.max_answers_per_record)
         examples = load_examples(d.dataset, self.kind, **load)
         if d.eval_dataset:
             train, evaluation = examples, load_examples(d.eval_dataset, self.kind, **load)
@@ -64,7 +72,7 @@ class SupervisedTrainer(Trainer):
             train, evaluation = split_eval(examples, d.val_size, self.args.seed)
         else:
             train, evaluation = examples, None
-        self.train_set = self.tokenize(train, "train")
+        self.train_set = self.tokenize(self.augment(train), "train")
         self.eval_set = self.tokenize(evaluation, "eval") if evaluation is not None and self.args.do_eval else None
         self.report.add(f"{len(self.train_set)} training {self.unit}" +
                         (f", {len(self.eval_set)} evaluation {self.unit}" if self.eval_set is not None else ""))

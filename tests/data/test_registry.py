@@ -65,3 +65,19 @@ def test_shipped_files_match_their_notice():
                  "alpaca_gpt4_data_zh.subset.json"):
         digest = hashlib.sha256((Path(DEFAULT_DATASET_DIR) / name).read_bytes()).hexdigest()
         assert digest in text, name
+
+
+def test_the_length_controlled_split_is_rebuilt_byte_for_byte_and_keeps_chosen_shorter_pairs_out_of_training():
+    from rlhf_ds.data import splits
+
+    built = splits.build(DEFAULT_DATASET_DIR)
+    for name, records in built.items():
+        shipped = json.loads((Path(DEFAULT_DATASET_DIR) / name).read_text(encoding="utf-8"))
+        assert shipped == records, name
+    held = built[splits.HELDOUT]
+    assert len(held) == 448 and sum(splits.chosen_shorter(r) for r in held) == 224
+    for lang in ("en", "zh"):
+        train = built[splits.TRAIN.format(lang=lang)]
+        assert not any(splits.chosen_shorter(r) for r in train)
+        keys = {(r["instruction"], r["output"][0]) for r in train}
+        assert not keys & {(r["instruction"], r["output"][0]) for r in held if r["language"] == lang}

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_ds import dist
-from rlhf_ds.args import OnlineArguments, RuntimeArguments, TrainingArguments
-from rlhf_ds.checkpoint import is_adapter_dir
+from rlhf_ds.args import OnlineArguments, PolicyArguments, RuntimeArguments, TrainingArguments
+from rlhf_ds.models.saving import is_adapter_dir
 from rlhf_ds.engines.ds_config import EngineSettings, engine_config
 from rlhf_ds.engines.factory import create_inference_engine, create_train_engine
 from rlhf_ds.engines.generation import build_generator
@@ -23,7 +23,8 @@ from rlhf_ds.engines.hybrid import deepspeed_hybrid_problem
 from rlhf_ds.errors import UserError
 from rlhf_ds.models.finetuning import apply_finetuning, count_parameters
 from rlhf_ds.models.heads import ScalarHeadModel, load_scalar_model
-from rlhf_ds.models.loading import disable_dropout, load_backbone, load_causal_lm
+from rlhf_ds.models.loading import disable_dropout, load_backbone
+from rlhf_ds.models.policy import PolicyStart, load_policy
 
 logger = logging.getLogger("rlhf_ds")
 
@@ -39,16 +40,16 @@ def needed_roles(online: OnlineArguments) -> list[str]:
     return roles
 
 
-def role_stages(online: OnlineArguments, rt: RuntimeArguments) -> dict[str, int]:
+def role_stages(online: OnlineArguments, rt: RuntimeArguments, policy: PolicyArguments) -> dict[str, int]:
     """Each role's ZeRO stage: actor and critic from their flags (or --zero_stage); the frozen reference follows the
     actor and the reward model the critic (the actor without a critic): 3 if that one is 3, else 0 (a full copy)."""
     actor = online.actor_zero_stage or rt.zero_stage
     critic = online.critic_zero_stage or rt.zero_stage
-    ref = online.ref_zero_stage if online.ref_zero_stage is not None else (3 if actor == 3 else 0)
+    ref = policy.ref_zero_stage if policy.ref_zero_stage is not None else (3 if actor == 3 else 0)
     follows = critic if online.needs_critic else actor
     reward = online.reward_zero_stage if online.reward_zero_stage is not None else (3 if follows == 3 else 0)
     # DeepSpeed offloads parameters only under ZeRO-3, so offloading a frozen model means partitioning it.
-    if online.offload_reference_model and ref != 3:
+    if policy.offload_reference_model and ref != 3:
         logger.info("--offload_reference_model: the reference engine runs under ZeRO-3 with its parameters in CPU "
                     "memory (DeepSpeed offloads parameters only under ZeRO-3)")
         ref = 3
@@ -75,12 +76,12 @@ class EngineBuilder:
     """Everything building the engines needs from the run."""
 
     online: OnlineArguments
+    policy: PolicyArguments
     args: TrainingArguments
     rt: RuntimeArguments
     ft_args: Any
     precision: Any
-    base_path: Path  # the base model folder
-    policy_source: Path  # where the initial policy's weights are (the base, or a full SFT folder)
+    start: PolicyStart  # where the policy starts
     model_name: str
     rollout_rows: int  # answers per micro-batch (prompts x samples)
 
@@ -95,7 +96,7 @@ class EngineBuilder:
 
     def configs(self) -> dict[str, dict]:
         online, rt, args = self.online, self.rt, self.args
-        stages = role_stages(online, rt)
+        stages = role_stages(online, rt, self.policy)
         cfg = {}
         for role, stage in stages.items():
             if role in ("actor", "critic"):
@@ -104,7 +105,8 @@ class EngineBuilder:
                 explicit = (online.actor_zero_stage if role == "actor" else online.critic_zero_stage) is not None
                 cfg[role] = engine_config(self.settings(stage, lr, explicit), True, rt.offload, rt.deepspeed)
             else:
-                offload = online.offload_reference_model if role == "reference" else online.offload_reward_model
+                offload = self.policy.offload_reference_model if role == "reference" else \
+                    online.offload_reward_model
                 cfg[role] = engine_config(self.settings(stage), False, offload)
         return cfg
 
@@ -155,29 +157,8 @@ class EngineBuilder:
         return out
 
     def load_policy(self, ds_config: dict, trainable: bool):
-        """The initial policy: base model + the SFT adapter, or the SFT folder; the actor also gets its trainable
-        weights (it keeps training the SFT adapter when both are LoRA)."""
-        from peft import PeftModel
-
-        ckpt = self.online.sft_model
-        lora = self.ft_args.finetuning_type == "lora"
-        if ckpt and is_adapter_dir(ckpt):
-            # The reference keeps the adapter unmerged too: merged into bf16 weights it would compute slightly
-            # different log-probs from the actor's, a KL that is not zero before the first update.
-            keep_adapter = (trainable and lora) or not trainable
-            model = load_causal_lm(self.base_path, self.precision.dtype, ds_config if keep_adapter else None)
-            model = PeftModel.from_pretrained(model, ckpt, is_trainable=trainable and lora)
-            if not keep_adapter:
-                model = model.merge_and_unload()
-        else:
-            model = load_causal_lm(self.policy_source, self.precision.dtype, ds_config)
-        if trainable:
-            if not isinstance(model, PeftModel):
-                model = apply_finetuning(model, self.ft_args, task_type="CAUSAL_LM")
-            if self.online.actor_gradient_checkpointing:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        disable_dropout(model)
-        return model
+        return load_policy(self.start, self.precision.dtype, ds_config, self.ft_args, trainable,
+                           self.online.actor_gradient_checkpointing)
 
     def load_critic(self, ds_config: dict) -> tuple[ScalarHeadModel, str]:
         """The value model: the reward model by default (its adapter keeps training under LoRA), else the policy's
@@ -195,7 +176,7 @@ class EngineBuilder:
             if not continue_adapter:
                 model.backbone = apply_finetuning(model.backbone, self.ft_args)
         else:
-            backbone = apply_finetuning(load_backbone(self.base_path, self.precision.dtype, ds_config), self.ft_args)
+            backbone = apply_finetuning(load_backbone(self.start.base, self.precision.dtype, ds_config), self.ft_args)
             model = ScalarHeadModel(backbone, head_init="zero")
             base = self.model_name
         for p in model.value_head.parameters():

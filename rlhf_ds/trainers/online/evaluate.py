@@ -49,9 +49,10 @@ def evaluate(maker: ExperienceMaker, eval_set, step: int, batch_size: int, out: 
         prompts = [r["prompt_text"] for r in rows]
         references = [r["reference_text"] for r in rows]
         decoded = maker.decode(response, mask)
-        score, parts = scorer(seq, att, prompts, decoded, references)
+        score, parts = scorer(seq, att, prompts, decoded, references, mask.sum(-1))
         ref_ids, ref_att = pad_sequences([r["input_ids"] for r in rows], tokenizer.pad_token_id, "left")
-        ref_score, _ = scorer(ref_ids.to(device), ref_att.to(device), prompts, references, references)
+        ref_tokens = torch.tensor([len(r["input_ids"]) - r["prompt_len"] for r in rows])
+        ref_score, _ = scorer(ref_ids.to(device), ref_att.to(device), prompts, references, references, ref_tokens)
         ended = has_eos(response, mask, maker.eos_ids).float()
         for k in range(n_real):
             found[indices[k]] = {"reward": score[k].item(), "reference_reward": ref_score[k].item(),

@@ -16,6 +16,7 @@ from rlhf_ds.algo.core import has_eos, logprobs_from_logits, response_mask
 from rlhf_ds.algo.sequence import gather_last, pad_sequences, position_ids_from_mask
 from rlhf_ds.engines.ds_compat import plain_linear
 from rlhf_ds.engines.sampling import SamplingSettings
+from rlhf_ds.models.heads import length_corrected
 from rlhf_ds.rewards import RewardFunction
 
 
@@ -80,18 +81,22 @@ def chunks(n: int, size: int) -> list[slice]:
 class Scorer:
     """The reward of an answer: the weighted sum of the reward model's score and each reward function's."""
 
-    def __init__(self, reward_engine, functions: list[RewardFunction], weights: list[float]):
-        self.engine, self.functions, self.weights = reward_engine, functions, weights
+    def __init__(self, reward_engine, functions: list[RewardFunction], weights: list[float],
+                 reward_meta: dict | None = None):
+        self.engine, self.functions, self.weights, self.meta = reward_engine, functions, weights, reward_meta
         self.names = (["reward_model"] if reward_engine is not None else []) + [f.name for f in functions]
 
     @torch.no_grad()
     def __call__(self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompts: list[str],
-                 responses: list[str], references: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(total [B], each source's raw score {name: [B]})."""
+                 responses: list[str], references: list[str],
+                 answer_tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(total [B], each source's raw score {name: [B]}). answer_tokens: each answer's length in tokens, for a
+        reward model that carries a length correction (trained with --length_debias regress)."""
         parts: dict[str, torch.Tensor] = {}
         if self.engine is not None:
-            parts["reward_model"] = gather_last(self.engine(input_ids=sequences, attention_mask=attention_mask),
-                                                attention_mask).float().cpu()
+            scores = gather_last(self.engine(input_ids=sequences, attention_mask=attention_mask), attention_mask)
+            parts["reward_model"] = length_corrected(scores.float(), answer_tokens.to(scores.device),
+                                                     self.meta).cpu()
         for fn in self.functions:
             parts[fn.name] = torch.tensor(fn(prompts, responses, references), dtype=torch.float32)
         total = sum(w * parts[name] for w, name in zip(self.weights, self.names))
@@ -163,7 +168,7 @@ class ExperienceMaker:
                 if engines.ref is not None:
                     ref_logprobs.append(logprobs_from_logits(response_logits(engines.ref, seq, att, width), response[s],
                                                              online.temperature))
-                total, by_source = self.scorer(seq, att, prompts[s], texts[s], references[s])
+                total, by_source = self.scorer(seq, att, prompts[s], texts[s], references[s], mask[s].sum(-1))
                 scores.append(total)
                 for name, value in by_source.items():
                     parts.setdefault(name, []).append(value)
@@ -176,6 +181,7 @@ class ExperienceMaker:
         scores_t = shaping.missing_eos_penalty(raw, ended, online.missing_eos_penalty)
         scores_t = scores_t + shaping.overlong_penalty(lengths, online.max_new_tokens, online.overlong_buffer,
                                                        online.overlong_penalty).to(scores_t.device)
+        scores_t = scores_t - shaping.length_penalty(lengths, online.length_penalty).to(scores_t.device)
         if online.normalize_reward:
             self.reward_stats.update(scores_t, dist.all_reduce_sum)
             normalized = shaping.normalize_scores(scores_t, self.reward_stats.mean, self.reward_stats.std,

@@ -19,17 +19,19 @@ from torch.utils.data import DataLoader
 import rlhf_ds
 from rlhf_ds import dist
 from rlhf_ds.algo.kl import kl_controller
-from rlhf_ds.algo.shaping import RunningMoments
-from rlhf_ds.args import GRPO_DEFAULTS, PPO_DEFAULTS, STAGE_GROUPS, OnlineArguments, parse_args
-from rlhf_ds.checkpoint import gather_state_dict, is_adapter_dir, save_causal_lm
+from rlhf_ds.algo.shaping import RunningMoments, length_runaway
+from rlhf_ds.args import GRPO_DEFAULTS, ONLINE_GROUPS, PPO_DEFAULTS, OnlineArguments, PolicyArguments, parse_args
+from rlhf_ds.models.saving import gather_state_dict, save_causal_lm
 from rlhf_ds.data.collate import train_sampler
 from rlhf_ds.data.loading import load_examples, split_eval, tokenize_prompts
 from rlhf_ds.data.template import resolve_template
 from rlhf_ds.engines.sampling import SamplingSettings
 from rlhf_ds.errors import UserError
 from rlhf_ds.export import export_merged_lora
+from rlhf_ds.faults import signal_if_asked
 from rlhf_ds.models.finetuning import is_lora
-from rlhf_ds.models.heads import HEAD_META, read_head_meta, save_scalar_model
+from rlhf_ds.models.heads import read_head_meta, save_scalar_model
+from rlhf_ds.models.policy import PolicyStart
 from rlhf_ds.models.loading import context_length, eos_token_ids, load_tokenizer, resolve_model_path
 from rlhf_ds.rewards import load_reward_fn
 from rlhf_ds.trainers.base import Trainer
@@ -50,7 +52,8 @@ class OnlineTrainer(Trainer):
 
     def __init__(self, *groups):
         super().__init__(*groups)
-        self.online: OnlineArguments = self.extra_args[0]
+        self.policy_args: PolicyArguments = self.extra_args[0]
+        self.online: OnlineArguments = self.extra_args[1]
         estimator = self.online.advantage_estimator
         self.name = "PPO" if estimator == "gae" else estimator.upper().replace("_PP", "++").replace("DR_", "Dr. ")
 
@@ -59,6 +62,8 @@ class OnlineTrainer(Trainer):
         (rows,) = items
         online = self.online
         rollout, stats = self.maker.make(rows, fused=self.fused_experience)  # generate, score, reference forward
+        signal_if_asked("rollout", self.loop.step + 1)
+        self.stop_point()  # a stop asked for during the rollout: save now, without the update
         t0 = time.time()
         stats.update(update(self.engines, rollout, online, self.micro_rows, self.kl_ctl.value,  # advantages and
                             self.tokenizer.pad_token_id, stats))  # the policy (and value) updates
@@ -96,12 +101,13 @@ class OnlineTrainer(Trainer):
             unused.update(dict.fromkeys(("ref_zero_stage", "offload_reference_model", "kl_estimator", "kl_in_loss",
                                          "target_kl", "kl_horizon"),
                                         "the KL coefficient is 0 (--init_kl_coef), so there is no reference model"))
+        given = getattr(online, "given", set()) | getattr(self.policy_args, "given", set())
         if not online.reward_model:
             unused.update(dict.fromkeys(("reward_zero_stage", "offload_reward_model"), "there is no --reward_model"))
         if online.n_samples_per_prompt == 1:
             unused["drop_uniform_groups"] = "groups need --n_samples_per_prompt 2 or more"
         for flag, why in unused.items():
-            if flag in getattr(online, "given", ()):
+            if flag in given:
                 raise UserError(f"--{flag} is not used by this run: {why}; remove it")
         rollout = args.per_device_train_batch_size * args.gradient_accumulation_steps
         gen = online.per_device_generation_batch_size
@@ -112,7 +118,7 @@ class OnlineTrainer(Trainer):
     def resume_config(self) -> dict[str, Any]:
         o = self.online
         stages = {f"{role}_zero_stage": stage for role, stage in self.stages().items() if role in ("actor", "critic")}
-        return {**super().resume_config(), "stage": "online", "sft_model": o.sft_model,
+        return {**super().resume_config(), "stage": "online", "sft_model": self.policy_args.sft_model,
                 "reward_model": o.reward_model, "reward_fn": o.reward_fn, "reward_weights": o.reward_weights,
                 "advantage_estimator": o.advantage_estimator, "n_samples_per_prompt": o.n_samples_per_prompt,
                 "ppo_epochs": o.ppo_epochs, "max_prompt_length": o.max_prompt_length,
@@ -121,30 +127,19 @@ class OnlineTrainer(Trainer):
     def stages(self) -> dict[str, int]:
         from rlhf_ds.trainers.online.engines import role_stages
 
-        return role_stages(self.online, self.rt)
+        return role_stages(self.online, self.rt, self.policy_args)
 
     def check_inputs(self) -> None:
         """Every model folder and compatibility check, before any engine is built."""
         online = self.online
-        ckpt = online.sft_model
-        if ckpt is not None:
-            path = Path(ckpt)
-            if not path.is_dir():
-                raise UserError(f"--sft_model {ckpt}: no such folder (the --output_dir of train_sft.py)")
-            if (path / HEAD_META).is_file():
-                raise UserError(f"--sft_model {ckpt} is a reward/value model; it must be a policy: a LoRA adapter or "
-                                f"a causal-LM folder")
-            if not (is_adapter_dir(path) or (path / "config.json").is_file()):
-                raise UserError(f"--sft_model {ckpt} holds neither adapter_config.json nor config.json")
-        full_sft = ckpt is not None and not is_adapter_dir(ckpt)
-        self.policy_source = Path(ckpt) if full_sft else self.base_path
-        self.tokenizer = load_tokenizer(self.policy_source if full_sft else (ckpt or self.base_path),
-                                        padding_side="left")
+        self.start = PolicyStart(self.base_path, self.policy_args.sft_model)
+        self.start.check()
+        self.tokenizer = load_tokenizer(self.start.tokenizer_dir, padding_side="left")
         self.template = resolve_template(self.tokenizer, self.model_args.template)
-        self.eos_ids = eos_token_ids(self.tokenizer, self.policy_source)
+        self.eos_ids = eos_token_ids(self.tokenizer, self.start.weights)
         from transformers import AutoConfig
 
-        limit = context_length(AutoConfig.from_pretrained(str(self.policy_source)))
+        limit = context_length(AutoConfig.from_pretrained(str(self.start.weights)))
         if limit and online.max_prompt_length + online.max_new_tokens > limit:
             raise UserError(f"--max_prompt_length {online.max_prompt_length} + --max_new_tokens "
                             f"{online.max_new_tokens} exceeds the model's context of {limit} tokens; lower one of them")
@@ -207,8 +202,8 @@ class OnlineTrainer(Trainer):
     def build_engines(self) -> None:
         args, online = self.args, self.online
         self.micro_rows = args.per_device_train_batch_size * online.n_samples_per_prompt
-        builder = EngineBuilder(online, args, self.rt, self.ft_args, self.precision, self.base_path,
-                                self.policy_source, self.model_args.model_name_or_path, self.micro_rows)
+        builder = EngineBuilder(online, self.policy_args, args, self.rt, self.ft_args, self.precision, self.start,
+                                self.model_args.model_name_or_path, self.micro_rows)
         cfg = builder.configs()
         self.run_.universal_engines(cfg, [r for r in ("actor", "critic") if r in cfg])
         schedule = dict(scheduler_type=args.lr_scheduler_type, warmup_steps=self.warmup_steps,
@@ -223,9 +218,10 @@ class OnlineTrainer(Trainer):
         sampling = SamplingSettings(max_new_tokens=online.max_new_tokens, eos_token_ids=self.eos_ids,
                                     pad_token_id=self.tokenizer.pad_token_id, temperature=online.temperature,
                                     top_p=online.top_p, top_k=online.top_k)
-        scorer = Scorer(self.engines.reward, self.reward_functions, online.weights())
+        scorer = Scorer(self.engines.reward, self.reward_functions, online.weights(), self.rm_meta)
         self.maker = ExperienceMaker(self.engines, scorer, self.tokenizer, self.eos_ids, sampling, online,
                                      args.per_device_train_batch_size, self.reward_stats)
+        self.history: list[tuple[float, float]] = []  # (answer length, reward) per step, for --max_length_growth
         self.ema = None
         if online.enable_ema:
             state = gather_state_dict(self.engines.actor, trainable_only=True)
@@ -262,6 +258,14 @@ class OnlineTrainer(Trainer):
         return {"generation_share": row["time_generation"] / total if total else 0.0,
                 "tokens_per_second": row["tokens"] / total if total else 0.0}
 
+    def stop_early(self, row: dict[str, float]) -> str | None:
+        """--max_length_growth: answers growing while the reward rises (the reward model paying for length)."""
+        self.history.append((row["response_length"], row["reward"]))
+        growth = self.online.max_length_growth
+        if growth is None:
+            return None
+        return length_runaway([h[0] for h in self.history], [h[1] for h in self.history], growth)
+
     def log_line(self, step: int, row: dict[str, float]) -> None:
         total = row["time_step"]
         logger.info("step %d: E2E latency=%.2fs | Gather latency=%.2fs | Generate time=%.2fs (%.1f%%) | "
@@ -285,12 +289,17 @@ class OnlineTrainer(Trainer):
 
     # ----------------------------------------------------------------------------------------------- save
     def state_dict(self) -> dict[str, Any]:
-        return {"kl_controller": self.kl_ctl.state_dict(), "reward_stats": asdict(self.reward_stats)}
+        return {"kl_controller": self.kl_ctl.state_dict(), "reward_stats": asdict(self.reward_stats),
+                "history": [list(h) for h in self.history]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.reward_stats = RunningMoments(**state["reward_stats"])
         self.maker.reward_stats = self.reward_stats
+        self.history = [tuple(h) for h in state.get("history", [])]
+
+    def _resume(self) -> None:
+        super()._resume()
         if self.ema is not None and dist.is_main():
             self.ema = torch.load(self.run_.resume_from / "ema.pt", weights_only=True)
 
@@ -314,10 +323,8 @@ class OnlineTrainer(Trainer):
             state = {k: v.to(dtype) for k, v in state.items()}
             save_causal_lm(actor, state, folder / name, self.tokenizer)
             if final and is_lora(actor):
-                base = self.base_path if self.online.sft_model is None or is_adapter_dir(self.online.sft_model) \
-                    else self.policy_source
-                export_merged_lora(base, actor.peft_config["default"], state, folder / f"{name}_merged",
-                                   self.tokenizer, dtype)
+                export_merged_lora(self.start.weights, actor.peft_config["default"], state,
+                                   folder / f"{name}_merged", self.tokenizer, dtype)
         if not final and self.ema is not None:
             torch.save(self.ema, folder / "ema.pt")
         if critic_state is not None:
@@ -328,15 +335,17 @@ class OnlineTrainer(Trainer):
             save_scalar_model(self.engines.critic.module, critic_state, folder / "critic", meta, self.tokenizer)
 
     def write_results(self, folder: Path) -> None:
-        results = {"train_runtime": self.loop.runtime, "train_steps": self.loop.step}
+        results = {"train_runtime": self.loop.runtime, "train_steps": self.loop.step,
+                   **({"train_stopped_early": self.metrics["train_stopped_early"]}
+                      if "train_stopped_early" in self.metrics else {})}
         (folder / self.finished_marker).write_text(json.dumps(results, indent=2))
 
 
 def main_ppo(argv: list[str] | None = None) -> int:
-    groups = parse_args(*STAGE_GROUPS, OnlineArguments, argv=argv, unused="online", defaults=PPO_DEFAULTS)
+    groups = parse_args(*ONLINE_GROUPS, argv=argv, unused="online", defaults=PPO_DEFAULTS)
     return OnlineTrainer(*groups).run()
 
 
 def main_grpo(argv: list[str] | None = None) -> int:
-    groups = parse_args(*STAGE_GROUPS, OnlineArguments, argv=argv, unused="online", defaults=GRPO_DEFAULTS)
+    groups = parse_args(*ONLINE_GROUPS, argv=argv, unused="online", defaults=GRPO_DEFAULTS)
     return OnlineTrainer(*groups).run()
