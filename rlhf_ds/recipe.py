@@ -1,10 +1,12 @@
-"""The whole recipe in one command: SFT -> reward model -> PPO -> report (launch/run_recipe.py).
+"""A whole path in one command (launch/run_recipe.py): `--algo ppo` SFT -> reward model -> PPO; `--algo dpo`
+SFT -> reward model -> DPO -> the SFT and DPO answers judged by that reward model; `--algo grpo` GRPO on seeded
+arithmetic problems with the math reward. Each ends with report.md.
 
 Each stage runs as its own process through the chosen launcher (`python`, `deepspeed --num_gpus N`, `torchrun
 --nproc_per_node N`), exactly as a user would run it by hand, with its output shown as it goes and kept in
 OUTPUT/logs/. A stage whose folder already holds a finished run is skipped, so an interrupted recipe continues
 where it stopped. The instruction data is split once into disjoint files: SFT trains on one part, PPO draws its
-prompts from the other (held-out) part.
+prompts (and the judge its held-out prompts) from the other part.
 """
 from __future__ import annotations
 
@@ -29,24 +31,42 @@ DEFAULT_RECIPE_MODEL = "qwen2.5-coder-0.5b-instruct"
 # so the fp32 profile trains on less and makes one PPO update per rollout (which also fuses the old log-probs into
 # the first training forward). Qwen2.5-Coder-0.5B reads Chinese and its answers can be judged by eye, but each step
 # costs 2.5-3x SmolLM2's.
+_DPO_GRPO = dict(dpo_pairs=160, dpo_eval=32, dpo_epochs=1, judge_prompts=16, grpo_steps=40, grpo_prompts=8,
+                 grpo_samples=4, grpo_max_new_tokens=64)
 PROFILES: dict[str, dict[str, dict[str, float]]] = {
     "qwen2.5-coder-0.5b-instruct": {
         "bf16": dict(sft_examples=96, sft_eval=16, rm_pairs=100, rm_eval=20, ppo_steps=8, ppo_eval_prompts=8,
-                     ppo_epochs=2, max_length=256),
+                     ppo_epochs=2, max_length=256, **_DPO_GRPO),
         "fp32": dict(sft_examples=80, sft_eval=16, rm_pairs=80, rm_eval=16, ppo_steps=8, ppo_eval_prompts=8,
-                     ppo_epochs=1, max_length=192)},
+                     ppo_epochs=1, max_length=192, **{**_DPO_GRPO, "dpo_pairs": 96, "grpo_steps": 24})},
     "smollm2-135m-instruct": {
         "bf16": dict(sft_examples=256, sft_eval=32, rm_pairs=300, rm_eval=60, ppo_steps=16, ppo_eval_prompts=16,
-                     ppo_epochs=2, max_length=256),
+                     ppo_epochs=2, max_length=256, **_DPO_GRPO),
         "fp32": dict(sft_examples=160, sft_eval=32, rm_pairs=200, rm_eval=40, ppo_steps=12, ppo_eval_prompts=16,
-                     ppo_epochs=1, max_length=192)},
+                     ppo_epochs=1, max_length=192, **_DPO_GRPO)},
 }
 DEFAULT_PROFILE = PROFILES[DEFAULT_RECIPE_MODEL]
 
 
+# The stages of each path, in order: PPO (the original recipe), DPO (judged by the reward model the recipe also
+# trains), and GRPO with a verifiable reward (no SFT, no reward model).
+PATHS = {"ppo": ("sft", "rm", "ppo"), "dpo": ("sft", "rm", "dpo", "judge"), "grpo": ("grpo",)}
+SCRIPTS = {"sft": "train_sft.py", "rm": "train_rm.py", "ppo": "train_ppo.py", "dpo": "train_dpo.py",
+           "grpo": "train_grpo.py", "judge": ""}
+COMMAND_OF = {"sft": "train-sft", "rm": "train-rm", "ppo": "train-ppo", "dpo": "train-dpo", "grpo": "train-grpo",
+              "judge": "judge"}
+FINISHED = {"sft": "train_results.json", "rm": "value_head.json", "ppo": "train_results.json",
+            "dpo": "train_results.json", "grpo": "train_results.json", "judge": "judge.json"}
+WHAT = {"sft": "supervised fine-tuning", "rm": "reward model", "ppo": "PPO", "dpo": "DPO",
+        "judge": "the SFT and the DPO answers judged by the reward model", "grpo": "GRPO with the math reward"}
+
+
 @dataclass
 class RecipeArguments:
-    model: str = field(default=DEFAULT_RECIPE_MODEL, metadata={"help": "Base model for all three stages."})
+    algo: str = field(default="ppo", metadata={"help": "ppo (SFT -> reward model -> PPO), dpo (SFT -> reward model "
+                                                       "-> DPO, judged by that reward model) or grpo (GRPO on "
+                                                       "arithmetic problems with the math reward)."})
+    model: str = field(default=DEFAULT_RECIPE_MODEL, metadata={"help": "Base model for every stage."})
     output_dir: str = field(default="output/recipe", metadata={"help": "One folder per stage, logs, the report."})
     launcher: str = field(default="python", metadata={"help": "How each stage starts: python, "
                                                               "'deepspeed --num_gpus N' or 'torchrun "
@@ -66,6 +86,21 @@ class RecipeArguments:
     ppo_eval_prompts: int | None = None
     ppo_learning_rate: float = 2e-4
     ppo_epochs: int | None = None
+    rm_length_debias: str = field(default="none", metadata={"help": "The reward model's --length_debias."})
+    dpo_pairs: int | None = field(default=None, metadata={"help": "Comparison records for DPO (the first ones)."})
+    dpo_eval: int | None = field(default=None, metadata={"help": "Of those, held out for the implicit reward's "
+                                                                 "accuracy."})
+    dpo_epochs: float | None = None
+    dpo_learning_rate: float = 1e-4
+    dpo_beta: float = 0.1
+    judge_prompts: int | None = field(default=None, metadata={"help": "Held-out prompts both policies answer."})
+    grpo_dataset: str = "arithmetic_train"
+    grpo_eval_dataset: str = "arithmetic_test"
+    grpo_steps: int | None = None
+    grpo_prompts: int | None = field(default=None, metadata={"help": "Prompts per GRPO step."})
+    grpo_samples: int | None = field(default=None, metadata={"help": "Answers per prompt."})
+    grpo_max_new_tokens: int | None = None
+    grpo_learning_rate: float = 2e-5
     precision: str = field(default="auto", metadata={"help": "auto (bf16 where the hardware runs it fast, else "
                                                              "fp32: every stage gets --bf16), or bf16, fp16, fp32 "
                                                              "exactly (--precision)."})
@@ -76,15 +111,19 @@ class RecipeArguments:
     sft_args: str = field(default="", metadata={"help": "Extra flags for train_sft.py (quoted)."})
     rm_args: str = field(default="", metadata={"help": "Extra flags for train_rm.py (quoted)."})
     ppo_args: str = field(default="", metadata={"help": "Extra flags for train_ppo.py (quoted)."})
+    dpo_args: str = field(default="", metadata={"help": "Extra flags for train_dpo.py (quoted)."})
+    grpo_args: str = field(default="", metadata={"help": "Extra flags for train_grpo.py (quoted)."})
 
     def __post_init__(self) -> None:
+        if self.algo not in PATHS:
+            raise UserError(f"--algo {self.algo!r}: choose one of {', '.join(PATHS)}")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise UserError(f"--precision {self.precision!r}: choose auto, bf16, fp16 or fp32")
         profiles = PROFILES.get(self.model, DEFAULT_PROFILE)
         self.profile = self.expected_precision()
         for name, value in profiles[self.profile].items():
             if getattr(self, name) is None:
-                setattr(self, name, int(value))
+                setattr(self, name, value)
 
     def expected_precision(self) -> str:
         """The profile to size the stages by: the precision they will run in on this machine ('bf16' or 'fp32')."""
@@ -115,32 +154,48 @@ def split_instruction_data(args: RecipeArguments, out: Path) -> tuple[Path, Path
 
 
 def stage_commands(args: RecipeArguments, out: Path, sft_file: Path, ppo_file: Path) -> dict[str, list[str]]:
+    """Each stage's flags for the chosen path, in order (the first item names the stage's script)."""
     precision = ["--bf16"] if args.precision == "auto" else ["--precision", args.precision]
     common = ["--model_name_or_path", args.model, "--do_train", "--finetuning_type", "lora", *precision,
               "--lr_scheduler_type", "cosine", "--seed", str(args.seed), "--save_steps", "0", "--logging_steps", "2",
               "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2"]
-    return {
-        "sft": ["train_sft.py", *common, "--plot_loss", "--dataset", str(sft_file), "--output_dir", str(out / "sft"),
+    commands = {
+        "sft": [*common, "--plot_loss", "--dataset", str(sft_file), "--output_dir", str(out / "sft"),
                 "--do_eval", "--eval_before_train", "--val_size", str(args.sft_eval),
                 "--num_train_epochs", str(args.sft_epochs), "--learning_rate", str(args.sft_learning_rate),
                 "--max_length", str(args.max_length), "--warmup_ratio", "0.05", *shlex.split(args.sft_args)],
-        "rm": ["train_rm.py", *common, "--plot_loss", "--dataset", args.rm_dataset, "--max_samples", str(args.rm_pairs),
+        "rm": [*common, "--plot_loss", "--dataset", args.rm_dataset, "--max_samples", str(args.rm_pairs),
                "--output_dir", str(out / "rm"), "--do_eval", "--val_size", str(args.rm_eval),
                "--num_train_epochs", "1", "--learning_rate", str(args.rm_learning_rate),
-               "--max_length", str(args.max_length), "--warmup_ratio", "0.05", *shlex.split(args.rm_args)],
-        "ppo": ["train_ppo.py", *common, "--dataset", str(ppo_file), "--sft_model", str(out / "sft"),
+               "--max_length", str(args.max_length), "--warmup_ratio", "0.05",
+               "--length_debias", args.rm_length_debias, *shlex.split(args.rm_args)],
+        "ppo": [*common, "--dataset", str(ppo_file), "--sft_model", str(out / "sft"),
                 "--reward_model", str(out / "rm"), "--output_dir", str(out / "ppo"), "--do_eval",
                 "--val_size", str(args.ppo_eval_prompts), "--eval_steps", str(args.ppo_steps),
                 "--max_steps", str(args.ppo_steps), "--learning_rate", str(args.ppo_learning_rate),
                 "--ppo_epochs", str(args.ppo_epochs), "--max_prompt_length", str(args.max_prompt_length),
                 "--max_new_tokens", str(args.max_new_tokens), "--num_samples_to_log", "4",
                 *shlex.split(args.ppo_args)],
+        "dpo": [*common, "--plot_loss", "--dataset", args.rm_dataset, "--max_samples", str(args.dpo_pairs),
+                "--sft_model", str(out / "sft"), "--output_dir", str(out / "dpo"), "--do_eval",
+                "--val_size", str(args.dpo_eval), "--num_train_epochs", str(args.dpo_epochs),
+                "--learning_rate", str(args.dpo_learning_rate), "--beta", str(args.dpo_beta),
+                "--max_length", str(args.max_length), "--warmup_ratio", "0.05", *shlex.split(args.dpo_args)],
+        "judge": ["--policy", f"sft={out / 'sft'}", "--policy", f"dpo={out / 'dpo'}", "--reward_model",
+                  str(out / "rm"), "--dataset", str(ppo_file), "--max_samples", str(args.judge_prompts),
+                  "--max_new_tokens", str(args.max_new_tokens), "--output_file", str(out / "judge" / "judge.json"),
+                  *(["--bf16"] if args.precision == "auto" else [])],
+        "grpo": ["--model_name_or_path", args.model, "--do_train", "--finetuning_type", "lora", *precision,
+                 "--seed", str(args.seed), "--save_steps", "0", "--logging_steps", "2", "--dataset", args.grpo_dataset,
+                 "--reward_fn", "math", "--n_samples_per_prompt", str(args.grpo_samples),
+                 "--per_device_train_batch_size", str(args.grpo_prompts), "--max_steps", str(args.grpo_steps),
+                 "--learning_rate", str(args.grpo_learning_rate), "--lr_scheduler_type", "constant",
+                 "--max_new_tokens", str(args.grpo_max_new_tokens), "--max_prompt_length", str(args.max_prompt_length),
+                 "--temperature", "1.0", "--output_dir", str(out / "grpo"), "--do_eval", "--eval_dataset",
+                 args.grpo_eval_dataset, "--eval_steps", str(max(args.grpo_steps // 4, 1)),
+                 "--per_device_eval_batch_size", "16", "--num_samples_to_log", "4", *shlex.split(args.grpo_args)],
     }
-
-
-COMMAND_OF = {"train_sft.py": "train-sft", "train_rm.py": "train-rm", "train_ppo.py": "train-ppo"}
-FINISHED = {"sft": "train_results.json", "rm": "value_head.json", "ppo": "train_results.json"}
-TITLES = {"sft": "1/3 supervised fine-tuning", "rm": "2/3 reward model", "ppo": "3/3 PPO"}
+    return {name: [SCRIPTS[name], *commands[name]] for name in PATHS[args.algo]}
 
 
 def run_stage(name: str, command: list[str], args: RecipeArguments, out: Path) -> tuple[float, float]:
@@ -150,16 +205,21 @@ def run_stage(name: str, command: list[str], args: RecipeArguments, out: Path) -
     launcher = shlex.split(args.launcher)
     if launcher[0] == "python":
         launcher[0] = sys.executable
-    if (REPO_ROOT / "launch" / script).is_file():  # a source checkout: the scripts a user would run by hand
+    if not script:  # a single-process tool (the judge), not a distributed stage
+        cmd = [sys.executable, "-m", "rlhf_ds.cli", COMMAND_OF[name], *flags]
+        (out / name).mkdir(parents=True, exist_ok=True)
+    elif (REPO_ROOT / "launch" / script).is_file():  # a source checkout: the scripts a user would run by hand
         cmd = [*launcher, str(REPO_ROOT / "launch" / script), *flags]
     else:  # an installed package: the same command as a module
         module = {"deepspeed": ["--module"], "torchrun": ["-m"]}.get(Path(launcher[0]).name, ["-m"])
-        cmd = [*launcher, *module, "rlhf_ds.cli", COMMAND_OF[script], *flags]
-    if args.overwrite:
+        cmd = [*launcher, *module, "rlhf_ds.cli", COMMAND_OF[name], *flags]
+    if args.overwrite and script:
         cmd.append("--overwrite_output_dir")
     log = out / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"\n=== {TITLES[name]}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+    stages = PATHS[args.algo]
+    title = f"{stages.index(name) + 1}/{len(stages)} {WHAT[name]}"
+    print(f"\n=== {title}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
     t0 = time.time()
     with open(log, "w", encoding="utf-8") as sink:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
@@ -179,7 +239,7 @@ def run_recipe(args: RecipeArguments) -> Path:
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sft_file, ppo_file = split_instruction_data(args, out)
+    sft_file, ppo_file = split_instruction_data(args, out) if args.algo != "grpo" else (None, None)
     commands = stage_commands(args, out, sft_file, ppo_file)
     state_file = out / "recipe.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() and not args.overwrite else {}
@@ -188,12 +248,12 @@ def run_recipe(args: RecipeArguments) -> Path:
     t0 = time.time()
     for name, command in commands.items():
         if (out / name / FINISHED[name]).is_file() and not args.overwrite:
-            print(f"\n=== {TITLES[name]}: finished earlier in {out / name}, kept (--overwrite redoes it)", flush=True)
+            print(f"\n=== {WHAT[name]}: finished earlier in {out / name}, kept (--overwrite redoes it)", flush=True)
             continue
         seconds, peak = run_stage(name, command, args, out)
         minutes[name] = round(seconds / 60, 2)
         peaks[name] = round(peak, 2)
-        state.update(model=args.model, launcher=args.launcher, profile=args.profile, minutes=minutes,
+        state.update(algo=args.algo, model=args.model, launcher=args.launcher, profile=args.profile, minutes=minutes,
                      peak_memory_gib=peaks, arguments=asdict(args))
         state_file.write_text(json.dumps(state, indent=2))
     state["wall_minutes"] = round(sum(minutes.values()), 2)
@@ -204,19 +264,44 @@ def run_recipe(args: RecipeArguments) -> Path:
 
 
 def _print_summary(out: Path, report: Path, state: dict, seconds: float) -> None:
-    sft = json.loads((out / "sft" / "eval_results.json").read_text())
-    rm = json.loads((out / "rm" / "eval_results.json").read_text())
-    evals = [json.loads(x) for x in (out / "ppo" / "eval_results.jsonl").read_text().splitlines() if x]
-    first, last = evals[0], evals[-1]
+    """The headline figures of the path that ran, one line each (the report has the rest)."""
+    from rlhf_ds.report import _json, _jsonl
+
     print(f"\n=== done in {seconds / 60:.1f} min ({state['wall_minutes']} min of stages): {report}")
-    print(f"  SFT  held-out perplexity   {sft.get('init_eval_perplexity', float('nan')):.2f} -> "
-          f"{sft['eval_perplexity']:.2f}")
-    print(f"  RM   held-out accuracy     {rm['eval_accuracy']:.3f}   (length-only baseline "
-          f"{rm['eval_length_baseline_accuracy']:.3f})")
-    print(f"  PPO  held-out reward       {first['eval_reward']:.3f} -> {last['eval_reward']:.3f}")
-    print(f"  PPO  win rate vs reference {first['eval_win_rate']:.3f} -> {last['eval_win_rate']:.3f}   "
-          f"KL {first['eval_kl']:.2f} -> {last['eval_kl']:.2f}")
-    print(f"  chat with the result:  python launch/chat.py --model {out / 'ppo'}")
+    algo = state.get("algo", "ppo")
+    if "sft" in PATHS[algo]:
+        sft = _json(out / "sft" / "eval_results.json")
+        print(f"  SFT  held-out perplexity   {sft.get('init_eval_perplexity', float('nan')):.2f} -> "
+              f"{sft['eval_perplexity']:.2f}")
+    for name in ("rm", "dpo"):
+        if name in PATHS[algo]:
+            ev = _json(out / name / "eval_results.json")
+            print(f"  {name.upper():4} held-out accuracy     {ev['eval_accuracy']:.3f}   (length-only baseline "
+                  f"{ev['eval_length_baseline_accuracy']:.3f}; where the better answer is shorter "
+                  f"{ev.get('eval_accuracy_chosen_shorter', float('nan')):.3f})")
+    for name in ("ppo", "grpo"):
+        if name not in PATHS[algo]:
+            continue
+        evals = _jsonl(out / name / "eval_results.jsonl")
+        first, last = evals[0], evals[-1]
+        label = name.upper()
+        if "eval_accuracy" in last:
+            print(f"  {label:4} held-out accuracy     {first['eval_accuracy']:.3f} -> {last['eval_accuracy']:.3f}   "
+                  f"({last['eval_samples']} problems)")
+        print(f"  {label:4} held-out reward       {first['eval_reward']:.3f} -> {last['eval_reward']:.3f}")
+        if name == "ppo":
+            print(f"  PPO  win rate vs reference {first['eval_win_rate']:.3f} -> {last['eval_win_rate']:.3f}   "
+                  f"KL {first['eval_kl']:.2f} -> {last['eval_kl']:.2f}")
+        print(f"  {label:4} answer length         {first['eval_response_length']:.1f} -> "
+              f"{last['eval_response_length']:.1f} tokens")
+    if "judge" in PATHS[algo]:
+        judged = _json(out / "judge" / "judge.json")["policies"]
+        base, *others = judged
+        for name in others:
+            print(f"  {name} vs {base}: win rate {judged[name]['win_rate_vs_first']:.3f} (judged by the RM), "
+                  f"answer length {judged[name]['length_change_vs_first']:+.0%}")
+    final = {"ppo": "ppo", "dpo": "dpo", "grpo": "grpo"}[algo]
+    print(f"  chat with the result:  python launch/chat.py --model {out / final}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
-"""report.md for a whole recipe run (SFT -> RM -> PPO): headline figures with a plain verdict on each stage, plots
-of every curve, and prompts with the SFT answer and the PPO answer side by side. Built only from what the stages
-wrote (metrics.jsonl, eval_results.json(l), eval_samples.jsonl), so it can be rebuilt at any time:
+"""report.md for a whole recipe run: headline figures with a plain verdict on each stage, plots of every curve, and
+held-out prompts with the answers before and after side by side. One section per stage the path ran (PPO: SFT ->
+RM -> PPO; DPO: SFT -> RM -> DPO -> judge; GRPO). Built only from what the stages wrote (metrics.jsonl,
+eval_results.json(l), eval_samples.jsonl, judge.json), so it can be rebuilt at any time:
 
     python -m rlhf_ds.report output/recipe
 """
@@ -8,10 +9,14 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rlhf_ds.tracking import read_metrics
+
+# Answers this much longer than before count as a length blow-up in the verdicts (issue 20's bar for PPO and DPO).
+LENGTH_GROWTH_FLAG = 0.20
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -36,6 +41,10 @@ def _cell(text: str, limit: int = 220) -> str:
     text = " ".join(str(text).split())
     text = text if len(text) <= limit else text[:limit] + " …"
     return text.replace("|", "\\|")
+
+
+def _growth(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else (after - before) / max(before, 1e-9)
 
 
 def plot_grid(rows: list[dict[str, Any]], panels: list[tuple[str, str]], out_png: Path, title: str) -> Path | None:
@@ -67,109 +76,219 @@ def plot_grid(rows: list[dict[str, Any]], panels: list[tuple[str, str]], out_png
     return out_png
 
 
-def build_report(run_dir: str | Path, settings: dict[str, Any] | None = None) -> Path:
-    run = Path(run_dir)
-    sft, rm, ppo = run / "sft", run / "rm", run / "ppo"
-    settings = settings or _json(run / "recipe.json")
-    lines = [f"# RLHF recipe report: {run.name}", ""]
-    if settings:
-        lines += [f"Model `{settings.get('model')}`, launched with `{settings.get('launcher', 'python')}`. "
-                  f"Total wall time {settings.get('wall_minutes', '—')} min "
-                  f"(SFT {settings.get('minutes', {}).get('sft', '—')}, RM {settings.get('minutes', {}).get('rm', '—')}, "
-                  f"PPO {settings.get('minutes', {}).get('ppo', '—')}); sized by the {settings.get('profile', '—')} "
-                  f"profile; peak memory of one process {max(settings.get('peak_memory_gib', {}).values(), default='—')}"
-                  f" GiB.", ""]
+@dataclass
+class Section:
+    """What one stage adds to the report: headline rows (figure, before, after), verdicts, plots and free text."""
+    rows: list[tuple[str, Any, Any]] = field(default_factory=list)
+    verdicts: list[str] = field(default_factory=list)
+    plots: list[tuple[Path | None, str]] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
 
-    precisions = {name: _json(run / name / "training_args.json") for name in ("sft", "rm", "ppo")}
-    ran = [f"{name.upper()} {a['precision']}" for name, a in precisions.items() if a.get("precision")]
+
+# ----------------------------------------------------------------------------------------------------- stages
+def sft_section(run: Path) -> Section:
+    ev = _json(run / "sft" / "eval_results.json")
+    s = Section(rows=[("held-out perplexity (lower is better)", ev.get("init_eval_perplexity"),
+                       ev.get("eval_perplexity"))])
+    if "eval_perplexity" in ev and "init_eval_perplexity" in ev:
+        b, a = ev["init_eval_perplexity"], ev["eval_perplexity"]
+        s.verdicts.append(f"SFT {'lowered' if a < b else 'did not lower'} the held-out perplexity ({b:.2f} -> {a:.2f}).")
+    s.plots.append((plot_grid(read_metrics(run / "sft", "train"), [("loss", "SFT training loss (answer tokens)")],
+                              run / "sft_loss.png", "SFT"), "SFT loss"))
+    return s
+
+
+def pair_rows(ev: dict, what: str) -> list[tuple[str, Any, Any]]:
+    """The length-controlled figures of a pair scorer (reward model or DPO's implicit reward), from pair_metrics."""
+    return [(f"{what}: held-out accuracy", None, ev.get("eval_accuracy")),
+            ("length-only baseline on the same pairs (the longer answer wins)", None,
+             ev.get("eval_length_baseline_accuracy")),
+            (f"{what}: accuracy where the better answer is the shorter one "
+             f"({ev.get('eval_chosen_shorter_pairs', '—')} pairs)", None, ev.get("eval_accuracy_chosen_shorter")),
+            (f"{what}: length-balanced accuracy (mean of shorter-wins and longer-wins pairs)", None,
+             ev.get("eval_length_balanced_accuracy")),
+            (f"{what}: Spearman correlation of score and answer length", None,
+             ev.get("eval_score_length_correlation"))]
+
+
+def pair_verdict(ev: dict, what: str) -> str:
+    acc, base = ev["eval_accuracy"], ev["eval_length_baseline_accuracy"]
+    verdict = "beats" if acc > base + 0.02 else "matches" if abs(acc - base) <= 0.02 else "falls short of"
+    line = (f"The {what} ranks {acc:.1%} of held-out pairs correctly (chance: 50%) and {verdict} the length-only "
+            f"baseline ({base:.1%}).")
+    if ev.get("eval_accuracy_chosen_shorter") is not None:
+        line += (f" Where the better answer is the shorter one it is right {ev['eval_accuracy_chosen_shorter']:.1%} "
+                 f"of the time: {'it judges more than length' if ev['eval_accuracy_chosen_shorter'] >= 0.5 else 'it mostly rewards length'}.")
+    return line
+
+
+def rm_section(run: Path) -> Section:
+    ev = _json(run / "rm" / "eval_results.json")
+    args = _json(run / "rm" / "training_args.json")
+    s = Section(rows=pair_rows(ev, "RM"))
+    if "eval_accuracy" in ev:
+        s.verdicts.append(pair_verdict(ev, "reward model") + f" (trained with --length_debias "
+                                                            f"{args.get('length_debias', 'none')})")
+    s.plots.append((plot_grid(read_metrics(run / "rm", "train"), [("loss", "RM training loss"),
+                                                                   ("accuracy", "RM training accuracy")],
+                              run / "rm_training.png", "Reward model"), "Reward model training"))
+    return s
+
+
+def online_section(run: Path, stage: str) -> Section:
+    """PPO or GRPO: held-out figures at the first and the last evaluation, training curves, answers side by side."""
+    evals = _jsonl(run / stage / "eval_results.jsonl")
+    first, last = (evals[0], evals[-1]) if evals else ({}, {})
+    train = read_metrics(run / stage, "train")
+    name = stage.upper()
+    s = Section()
+    if any("eval_accuracy" in e for e in evals):
+        s.rows.append(("held-out accuracy (greedy answers, math reward)", first.get("eval_accuracy"),
+                       last.get("eval_accuracy")))
+    s.rows += [("reward of greedy answers to held-out prompts", first.get("eval_reward"), last.get("eval_reward")),
+               ("KL to the reference policy (nats per answer)", first.get("eval_kl"), last.get("eval_kl")),
+               ("answer length (tokens)", first.get("eval_response_length"), last.get("eval_response_length")),
+               ("answers that end with EOS", first.get("eval_eos_rate"), last.get("eval_eos_rate"))]
+    if stage == "ppo":
+        s.rows.insert(1, ("win rate against the reference answers (judged by the RM)", first.get("eval_win_rate"),
+                          last.get("eval_win_rate")))
+    if first and last and first is not last:
+        if "eval_accuracy" in first:
+            b, a = first["eval_accuracy"], last["eval_accuracy"]
+            s.verdicts.append(f"{name} {'raised' if a > b else 'did not raise'} the share of held-out problems solved "
+                              f"({b:.1%} -> {a:.1%}, {last.get('eval_samples', '—')} problems).")
+        rb, ra = first["eval_reward"], last["eval_reward"]
+        line = (f"{name} {'raised' if ra > rb else 'did not raise'} the reward of greedy held-out answers "
+                f"({rb:.3f} -> {ra:.3f}) at a KL of {_fmt(last.get('eval_kl'), 2)} nats per answer")
+        if stage == "ppo":
+            line += (f"; the win rate against the reference answers went {first['eval_win_rate']:.1%} -> "
+                     f"{last['eval_win_rate']:.1%}")
+        s.verdicts.append(line + ".")
+        s.verdicts.append(length_verdict(name, first.get("eval_response_length"), last.get("eval_response_length")))
+    if len(train) >= 4:
+        k = max(1, len(train) // 4)
+        early = sum(r["reward"] for r in train[:k]) / k
+        late = sum(r["reward"] for r in train[-k:]) / k
+        s.verdicts.append(f"{name} sampled rollouts: mean reward {early:.3f} over the first {k} steps, {late:.3f} over "
+                          f"the last {k}.")
+    panels = [("reward", "reward"), ("reward_math", "math reward (share correct)"), ("kl", "KL to reference"),
+              ("response_length", "response length (tokens)"), ("eos_rate", "EOS rate")]
+    s.plots.append((plot_grid(train, panels, run / f"{stage}_training.png", f"{name}, per step (sampled rollouts)"),
+                    f"{name} training"))
+    s.plots.append((plot_grid(evals, [("eval_reward", "eval reward (greedy)"), ("eval_accuracy", "eval accuracy"),
+                                      ("eval_win_rate", "eval win rate vs reference"),
+                                      ("eval_response_length", "eval answer length (tokens)")],
+                              run / f"{stage}_eval.png", f"{name}, held-out prompts"), f"{name} evaluation"))
+    s.text += side_by_side_from_samples(_jsonl(run / stage / "eval_samples.jsonl"), stage)
+    return s
+
+
+def length_verdict(name: str, before: float | None, after: float | None) -> str:
+    growth = _growth(before, after)
+    if growth is None:
+        return f"{name}: no answer lengths recorded."
+    flag = (" — longer answers buy reward from a judge that likes length; see docs/reward-models.md"
+            if growth > LENGTH_GROWTH_FLAG else "")
+    return f"{name} answers went from {before:.1f} to {after:.1f} tokens ({growth:+.0%}){flag}."
+
+
+def side_by_side_from_samples(samples: list[dict], stage: str) -> list[str]:
+    if not samples:
+        return []
+    first_step, last_step = samples[0]["step"], samples[-1]["step"]
+    before = {s["index"]: s for s in samples if s["step"] == first_step}
+    after = {s["index"]: s for s in samples if s["step"] == last_step}
+    name = stage.upper()
+    out = [f"## Answers to the same held-out prompts before and after {name}", "",
+           f"Greedy answers of the policy at step {first_step} (before {name}) and at step {last_step}; rewards in "
+           f"brackets.", "", f"| prompt | reference answer | before (reward) | after {name} (reward) |",
+           "| --- | --- | --- | --- |"]
+    for index in sorted(before):
+        b, a = before[index], after.get(index, {})
+        out.append(f"| {_cell(b['prompt'], 120)} | {_cell(b['reference'])} | {_cell(b['response'])} "
+                   f"({_fmt(b['reward'], 2)}) | {_cell(a.get('response', ''))} ({_fmt(a.get('reward'), 2)}) |")
+    return out + [""]
+
+
+def dpo_section(run: Path) -> Section:
+    ev = _json(run / "dpo" / "eval_results.json")
+    s = Section(rows=pair_rows(ev, "DPO implicit reward"))
+    if "eval_accuracy" in ev:
+        s.verdicts.append(pair_verdict(ev, "DPO policy's implicit reward"))
+    s.plots.append((plot_grid(read_metrics(run / "dpo", "train"),
+                              [("loss", "DPO loss"), ("reward_accuracy", "implicit reward accuracy (batch)"),
+                               ("reward_margin", "implicit reward margin"), ("chosen_logps", "log p(chosen)")],
+                              run / "dpo_training.png", "DPO"), "DPO training"))
+    return s
+
+
+def judge_section(run: Path) -> Section:
+    result = _json(run / "judge" / "judge.json")
+    s = Section()
+    policies = result.get("policies", {})
+    if len(policies) < 2:
+        return s
+    (base, b), *others = policies.items()
+    for name, p in others:
+        s.rows += [(f"{name} vs {base}: mean reward of greedy answers (judged by the RM)", b["mean_reward"],
+                    p["mean_reward"]),
+                   (f"{name} vs {base}: win rate", None, p["win_rate_vs_first"]),
+                   (f"{name} vs {base}: answer length (tokens)", b["mean_length"], p["mean_length"])]
+        s.verdicts.append(f"Judged by the reward model on {result['prompts']} held-out prompts, {name} beats {base} "
+                          f"{p['win_rate_vs_first']:.1%} of the time (ties count half).")
+        s.verdicts.append(length_verdict(name.upper(), b["mean_length"], p["mean_length"]))
+    names = list(policies)
+    s.text += [f"## {' and '.join(names)} answers to the same held-out prompts", "",
+               "Greedy answers; rewards by the reward model in brackets.", "",
+               "| prompt | " + " | ".join(f"{n} (reward)" for n in names) + " |",
+               "| --- |" + " --- |" * len(names)]
+    for k, sample in enumerate(result.get("samples", [])[:8]):
+        cells = [f"{_cell(sample[n])} ({_fmt(policies[n]['rewards'][k], 2)})" for n in names]
+        s.text.append(f"| {_cell(sample['prompt'], 120)} | " + " | ".join(cells) + " |")
+    s.text.append("")
+    return s
+
+
+SECTIONS = {"sft": sft_section, "rm": rm_section, "ppo": lambda run: online_section(run, "ppo"),
+            "grpo": lambda run: online_section(run, "grpo"), "dpo": dpo_section, "judge": judge_section}
+TITLES = {"sft": "SFT", "rm": "RM", "ppo": "PPO", "grpo": "GRPO", "dpo": "DPO", "judge": "judge"}
+
+
+def build_report(run_dir: str | Path, settings: dict[str, Any] | None = None) -> Path:
+    from rlhf_ds.recipe import PATHS
+
+    run = Path(run_dir)
+    settings = settings or _json(run / "recipe.json")
+    algo = settings.get("algo", "ppo")
+    stages = [name for name in PATHS.get(algo, PATHS["ppo"]) if (run / name).is_dir()]
+    lines = [f"# {algo.upper()} recipe report: {run.name}", ""]
+    if settings:
+        minutes = settings.get("minutes", {})
+        per_stage = ", ".join(f"{TITLES[n]} {minutes.get(n, '—')}" for n in stages)
+        lines += [f"Model `{settings.get('model')}`, launched with `{settings.get('launcher', 'python')}`. "
+                  f"Total wall time {settings.get('wall_minutes', '—')} min ({per_stage}); sized by the "
+                  f"{settings.get('profile', '—')} profile; peak memory of one process "
+                  f"{max(settings.get('peak_memory_gib', {}).values(), default='—')} GiB.", ""]
+    precisions = {name: _json(run / name / "training_args.json") for name in stages}
+    ran = [f"{TITLES[name]} {a['precision']}" for name, a in precisions.items() if a.get("precision")]
     if ran:
         reasons = sorted({a.get("precision_reason", "") for a in precisions.values() if a.get("precision")})
         lines += [f"Precision that ran: {', '.join(ran)} ({'; '.join(r for r in reasons if r)}).", ""]
 
-    sft_eval, rm_eval = _json(sft / "eval_results.json"), _json(rm / "eval_results.json")
-    ppo_evals = _jsonl(ppo / "eval_results.jsonl")
-    ppo_first, ppo_last = (ppo_evals[0], ppo_evals[-1]) if ppo_evals else ({}, {})
-    ppo_train = read_metrics(ppo, "train")
-
-    rows = [
-        ("SFT", "held-out perplexity (lower is better)", sft_eval.get("init_eval_perplexity"),
-         sft_eval.get("eval_perplexity")),
-        ("RM", "held-out accuracy", None, rm_eval.get("eval_accuracy")),
-        ("RM", "length-only baseline on the same pairs", None, rm_eval.get("eval_length_baseline_accuracy")),
-        ("PPO", "reward of greedy answers to held-out prompts", ppo_first.get("eval_reward"),
-         ppo_last.get("eval_reward")),
-        ("PPO", "win rate against the reference answers (judged by the RM)", ppo_first.get("eval_win_rate"),
-         ppo_last.get("eval_win_rate")),
-        ("PPO", "KL to the reference policy (nats per answer)", ppo_first.get("eval_kl"), ppo_last.get("eval_kl")),
-        ("PPO", "answer length (tokens)", ppo_first.get("eval_response_length"),
-         ppo_last.get("eval_response_length")),
-        ("PPO", "answers that end with EOS", ppo_first.get("eval_eos_rate"), ppo_last.get("eval_eos_rate")),
-    ]
+    sections = {name: SECTIONS[name](run) for name in stages}
     lines += ["## Headline figures", "", "| stage | figure | before | after |", "| --- | --- | --- | --- |"]
-    lines += [f"| {s} | {f} | {_fmt(b)} | {_fmt(a)} |" for s, f, b, a in rows]
-    lines += ["", "## Did it work?", ""] + [f"- {v}" for v in _verdicts(sft_eval, rm_eval, ppo_first, ppo_last,
-                                                                        ppo_train)] + [""]
-
-    plots = []
-    sft_png = plot_grid(read_metrics(sft, "train"), [("loss", "SFT training loss (answer tokens)")],
-                        run / "sft_loss.png", "SFT")
-    rm_png = plot_grid(read_metrics(rm, "train"), [("loss", "RM training loss"), ("accuracy", "RM training accuracy")],
-                       run / "rm_training.png", "Reward model")
-    ppo_png = plot_grid(ppo_train, [("reward", "reward (raw RM score)"), ("kl", "KL to reference"),
-                                    ("response_length", "response length"), ("eos_rate", "EOS rate")],
-                        run / "ppo_training.png", "PPO, per step (sampled rollouts)")
-    eval_png = plot_grid(ppo_evals, [("eval_reward", "eval reward (greedy)"),
-                                     ("eval_win_rate", "eval win rate vs reference")], run / "ppo_eval.png",
-                         "PPO, held-out prompts")
-    for png, caption in ((sft_png, "SFT loss"), (rm_png, "Reward model training"), (ppo_png, "PPO training"),
-                         (eval_png, "PPO evaluation")):
-        if png:
-            plots.append(f"![{caption}]({png.name})")
+    lines += [f"| {TITLES[name]} | {f} | {_fmt(b)} | {_fmt(a)} |" for name, s in sections.items()
+              for f, b, a in s.rows]
+    verdicts = [v for s in sections.values() for v in s.verdicts]
+    lines += ["", "## Did it work?", ""] + [f"- {v}" for v in verdicts or ["No stage results found."]] + [""]
+    plots = [f"![{caption}]({png.name})\n" for s in sections.values() for png, caption in s.plots if png]
     if plots:
-        lines += ["## Curves", ""] + [p + "\n" for p in plots]
-
-    samples = _jsonl(ppo / "eval_samples.jsonl")
-    if samples:
-        first_step, last_step = samples[0]["step"], samples[-1]["step"]
-        before = {s["index"]: s for s in samples if s["step"] == first_step}
-        after = {s["index"]: s for s in samples if s["step"] == last_step}
-        lines += ["## SFT answer and PPO answer to the same held-out prompts", "",
-                  f"Greedy answers of the policy before PPO (the SFT model, step {first_step}) and after it "
-                  f"(step {last_step}); rewards by the reward model.", "",
-                  "| prompt | reference answer | SFT answer (reward) | PPO answer (reward) |",
-                  "| --- | --- | --- | --- |"]
-        for index in sorted(before):
-            b, a = before[index], after.get(index, {})
-            lines.append(f"| {_cell(b['prompt'], 120)} | {_cell(b['reference'])} | "
-                         f"{_cell(b['response'])} ({_fmt(b['reward'], 2)}) | "
-                         f"{_cell(a.get('response', ''))} ({_fmt(a.get('reward'), 2)}) |")
-        lines.append("")
+        lines += ["## Curves", ""] + plots
+    for s in sections.values():
+        lines += s.text
     out = run / "report.md"
     out.write_text("\n".join(lines), encoding="utf-8")
     return out
-
-
-def _verdicts(sft_eval: dict, rm_eval: dict, first: dict, last: dict, ppo_train: list[dict]) -> list[str]:
-    out = []
-    if "eval_perplexity" in sft_eval and "init_eval_perplexity" in sft_eval:
-        b, a = sft_eval["init_eval_perplexity"], sft_eval["eval_perplexity"]
-        out.append(f"SFT {'lowered' if a < b else 'did not lower'} the held-out perplexity ({b:.2f} -> {a:.2f}).")
-    if "eval_accuracy" in rm_eval:
-        acc, base = rm_eval["eval_accuracy"], rm_eval["eval_length_baseline_accuracy"]
-        verdict = "beats" if acc > base else "matches" if abs(acc - base) < 0.02 else "falls short of"
-        out.append(f"The reward model ranks {acc:.1%} of held-out pairs correctly (chance: 50%) and {verdict} the "
-                   f"length-only baseline ({base:.1%}); the shipped comparison data rewards length heavily.")
-    if first and last and first is not last:
-        rb, ra = first["eval_reward"], last["eval_reward"]
-        out.append(f"PPO {'raised' if ra > rb else 'did not raise'} the reward of greedy held-out answers "
-                   f"({rb:.3f} -> {ra:.3f}) at a KL of {last['eval_kl']:.2f} nats per answer; the win rate against "
-                   f"the reference answers went {first['eval_win_rate']:.1%} -> {last['eval_win_rate']:.1%}.")
-    if len(ppo_train) >= 4:
-        k = max(1, len(ppo_train) // 4)
-        early = sum(r["reward"] for r in ppo_train[:k]) / k
-        late = sum(r["reward"] for r in ppo_train[-k:]) / k
-        out.append(f"Sampled rollouts: mean reward {early:.3f} over the first {k} steps, {late:.3f} over the last {k}.")
-    return out or ["No stage results found."]
 
 
 if __name__ == "__main__":

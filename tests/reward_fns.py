@@ -11,3 +11,8 @@ def ascii_letters(prompt: str, response: str) -> float:
 
 def broken(prompt: str, response: str):
     return "not a number"
+
+
+def constant(prompt: str, response: str) -> float:
+    """The same score for every answer: whatever else shows in the logged reward comes from the shaping."""
+    return 1.0

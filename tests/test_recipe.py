@@ -23,7 +23,9 @@ def test_recipe_runs_end_to_end_then_exports_and_reloads(tiny_llama, tmp_path):
         assert any(line.startswith(f"{stage}: ") and " steps | " in line for line in lines), stage
     report = (out / "report.md").read_text()
     assert "Precision that ran: SFT " in report
-    for section in ("## Headline figures", "## Did it work?", "## Curves", "## SFT answer and PPO answer"):
+    assert "where the better answer is the shorter one" in report and "PPO answers went from " in report
+    for section in ("## Headline figures", "## Did it work?", "## Curves",
+                    "## Answers to the same held-out prompts before and after PPO"):
         assert section in report
     for png in ("sft_loss.png", "rm_training.png", "ppo_training.png", "ppo_eval.png"):
         assert (out / png).stat().st_size > 1000 and f"({png})" in report
@@ -48,6 +50,33 @@ def test_recipe_runs_end_to_end_then_exports_and_reloads(tiny_llama, tmp_path):
         assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
     chat = check_ok(run_cli("chat.py", "--model", str(out / "ppo"), "--prompt", "你好", "--max_new_tokens", "4"))
     assert chat.stdout.strip()
+
+
+def test_the_dpo_and_grpo_paths_run_end_to_end_with_their_reports(tiny_llama, tmp_path):
+    import json
+
+    out = tmp_path / "dpo"
+    proc = check_ok(run_cli("run_recipe.py", "--algo", "dpo", "--model", str(tiny_llama), "--output_dir", str(out),
+                            "--sft_examples", "24", "--sft_eval", "4", "--rm_pairs", "24", "--rm_eval", "8",
+                            "--dpo_pairs", "24", "--dpo_eval", "8", "--judge_prompts", "4", "--ppo_eval_prompts", "4",
+                            "--max_length", "64", "--max_new_tokens", "6"))
+    for stage in ("1/4 supervised fine-tuning", "2/4 reward model", "3/4 DPO", "4/4 the SFT and the DPO answers"):
+        assert stage in proc.stdout
+    assert "dpo vs sft: win rate" in proc.stdout
+    judged = json.loads((out / "judge" / "judge.json").read_text())
+    assert judged["prompts"] == 4 and set(judged["policies"]) == {"sft", "dpo"}
+    assert 0 <= judged["policies"]["dpo"]["win_rate_vs_first"] <= 1 and len(judged["samples"]) == 4
+    report = (out / "report.md").read_text()
+    assert "DPO implicit reward: held-out accuracy" in report and "## sft and dpo answers" in report
+    assert (out / "dpo_training.png").is_file() and "(dpo_training.png)" in report
+
+    out = tmp_path / "grpo"
+    proc = check_ok(run_cli("run_recipe.py", "--algo", "grpo", "--model", str(tiny_llama), "--output_dir", str(out),
+                            "--grpo_steps", "2", "--grpo_prompts", "2", "--grpo_samples", "2",
+                            "--grpo_max_new_tokens", "6", "--grpo_args", "--max_samples 16"))
+    assert "1/1 GRPO with the math reward" in proc.stdout and "GRPO held-out accuracy" in proc.stdout
+    report = (out / "report.md").read_text()
+    assert "held-out accuracy (greedy answers, math reward)" in report and "GRPO answers went from" in report
 
 
 def test_recipe_shell_scripts_run_under_python_and_the_deepspeed_launcher(tiny_llama, tmp_path):

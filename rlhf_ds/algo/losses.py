@@ -37,21 +37,26 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x * y).sum() / (x.norm() * y.norm()).clamp(min=1e-8)
 
 
-def odin_loss(quality: torch.Tensor, length_part: torch.Tensor, lengths: torch.Tensor, quality_head: torch.Tensor,
-              length_head: torch.Tensor, coef: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def head_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The cosine of two head weight vectors (differentiable); 0 when either is zero."""
+    a, b = a.flatten().float(), b.flatten().float()
+    return (a @ b) / (a.norm() * b.norm()).clamp(min=1e-8)
+
+
+def odin_loss(quality: torch.Tensor, length_part: torch.Tensor, lengths: torch.Tensor, cosine: torch.Tensor,
+              coef: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """ODIN (Chen et al. 2024): two heads on one backbone, their sum trained on the preferences; the length head is
     pushed to correlate with the answers' lengths and the quality head away from them, and the two heads' weights
-    to be orthogonal. Rows are the B chosen answers then the B rejected ones; PPO then reads the quality head only.
-    Returns (loss, {rank_loss, quality_length_corr, length_head_corr})."""
+    to be orthogonal (`cosine`: head_cosine of the two weights, taken where the weights are whole, i.e. inside the
+    model's forward under ZeRO-3). Rows are the B chosen answers then the B rejected ones; PPO then reads the
+    quality head only. Returns (loss, {rank_loss, quality_length_corr, length_head_corr, head_cosine})."""
     total = quality + length_part
     chosen, rejected = total.chunk(2)
     rank = pairwise_loss(chosen, rejected)
     rho_q, rho_l = pearson(quality, lengths), pearson(length_part, lengths)
-    cos = (quality_head.flatten().float() @ length_head.flatten().float()) / (
-        quality_head.float().norm() * length_head.float().norm()).clamp(min=1e-8)
-    loss = rank + coef * (rho_q.abs() - rho_l + cos.abs())
+    loss = rank + coef * (rho_q.abs() - rho_l + cosine.abs())
     return loss, {"rank_loss": rank.detach(), "quality_length_corr": rho_q.detach(),
-                  "length_head_corr": rho_l.detach()}
+                  "length_head_corr": rho_l.detach(), "head_cosine": cosine.detach()}
 
 
 def length_slope(scores: list[float], lengths: list[float]) -> float:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from rlhf_ds.algo.losses import head_cosine
 from rlhf_ds.algo.sequence import gather_last, position_ids_from_mask
 from rlhf_ds.errors import UserError
 from rlhf_ds.models.loading import load_backbone, resolve_model_path
@@ -47,6 +48,12 @@ class ScalarHeadModel(nn.Module):
         if self.length_head is not None:
             nn.init.normal_(self.length_head.weight, std=1.0 / math.sqrt(hidden + 1))
             nn.init.zeros_(self.length_head.bias)
+            import deepspeed
+
+            # forward(both=True) reads both heads' weights outside their own forwards; under ZeRO-3 that needs
+            # them gathered for this module's forward (a no-op otherwise)
+            for weight in (self.value_head.weight, self.length_head.weight):
+                deepspeed.zero.register_external_parameter(self, weight)
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
@@ -54,11 +61,13 @@ class ScalarHeadModel(nn.Module):
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, both: bool = False):
-        """Values for every position, float32, [batch, time]; with both=True also the length head's."""
+        """Values for every position, float32, [batch, time]; with both=True also the length head's, and the
+        cosine of the two heads' weights (ODIN's orthogonality term)."""
         hidden = self.hidden(input_ids, attention_mask)
         values = self.value_head(hidden).squeeze(-1).float()
         if both:
-            return values, self.length_head(hidden).squeeze(-1).float()
+            return (values, self.length_head(hidden).squeeze(-1).float(),
+                    head_cosine(self.value_head.weight, self.length_head.weight))
         return values
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

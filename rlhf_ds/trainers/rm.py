@@ -111,8 +111,14 @@ class RewardTrainer(SupervisedTrainer):
         tokenized = tokenize_preference(examples, self.tokenizer, self.template, self.max_length, self.report,
                                         name=name)
         if self.debias == "balanced" and name == "train":
-            tokenized = tokenized.add_column("pair_weight", balance_weights(tokenized["chosen"],
-                                                                            tokenized["rejected"]))
+            weights = balance_weights(tokenized["chosen"], tokenized["rejected"])
+            tokenized = tokenized.add_column("pair_weight", weights)
+            kinds: dict[str, list[float]] = {}
+            for w, c, r in zip(weights, tokenized["chosen"], tokenized["rejected"]):
+                kinds.setdefault("chosen shorter" if len(c) < len(r) else "chosen longer" if len(c) > len(r)
+                                 else "same length", []).append(w)
+            self.report.add("balanced: pair weights " + ", ".join(f"{k} {len(v)} x {v[0]:.2f}"
+                                                                  for k, v in sorted(kinds.items())))
         return tokenized
 
     def make_collator(self) -> PairCollator:
@@ -132,11 +138,10 @@ class RewardTrainer(SupervisedTrainer):
         mask = batch["attention_mask"]
         extra: dict[str, float] = {}
         if self.debias == "odin":
-            quality, length_part = (gather_last(v, mask) for v in self.engine(
-                input_ids=batch["input_ids"], attention_mask=mask, both=True))
-            module = self.engine.module
-            loss, parts = odin_loss(quality, length_part, batch["answer_tokens"].float(), module.value_head.weight,
-                                    module.length_head.weight, self.reward_args.odin_coef)
+            values, length_values, cosine = self.engine(input_ids=batch["input_ids"], attention_mask=mask, both=True)
+            quality, length_part = gather_last(values, mask), gather_last(length_values, mask)
+            loss, parts = odin_loss(quality, length_part, batch["answer_tokens"].float(), cosine,
+                                    self.reward_args.odin_coef)
             extra = {k: v.item() for k, v in parts.items()}
             scores = quality
         else:

@@ -81,3 +81,21 @@ def test_the_length_controlled_split_is_rebuilt_byte_for_byte_and_keeps_chosen_s
         assert not any(splits.chosen_shorter(r) for r in train)
         keys = {(r["instruction"], r["output"][0]) for r in train}
         assert not keys & {(r["instruction"], r["output"][0]) for r in held if r["language"] == lang}
+
+
+def test_the_arithmetic_problems_are_rebuilt_byte_for_byte_match_their_notice_and_keep_test_out_of_training(tmp_path):
+    from rlhf_ds.data import arithmetic
+    from rlhf_ds.rewards import final_answer
+
+    text = (Path(DEFAULT_DATASET_DIR) / "NOTICE.md").read_text(encoding="utf-8")
+    for built in arithmetic.write(tmp_path):
+        shipped = Path(DEFAULT_DATASET_DIR) / built.name
+        assert built.read_bytes() == shipped.read_bytes(), built.name
+        assert hashlib.sha256(shipped.read_bytes()).hexdigest() in text, built.name
+    train = [json.loads(x) for x in (tmp_path / "arithmetic_train.jsonl").read_text().splitlines()]
+    test = [json.loads(x) for x in (tmp_path / "arithmetic_test.jsonl").read_text().splitlines()]
+    assert (len(train), len(test)) == (3000, 240)
+    assert not {r["question"] for r in train} & {r["question"] for r in test}
+    for record in test[:50]:  # the reference answer is what the math reward reads, and the worked steps agree
+        steps, final = record["answer"].split("\n#### ")
+        assert final_answer(record["answer"]) == float(final) and steps.rstrip(".").endswith(f"= {final}")

@@ -56,7 +56,10 @@ def test_dpo_learns_reports_the_length_baseline_and_scores_pairs_in_eval_rm(tiny
     late = rows[-5:]
     assert sum(r["reward_accuracy"] for r in late) / 5 > 0.7 and sum(r["loss"] for r in late) / 5 < rows[0]["loss"]
     results = json.loads((out / "eval_results.json").read_text())
-    assert {"eval_accuracy", "eval_length_baseline_accuracy", "eval_samples"} <= set(results)
+    assert {"eval_accuracy", "eval_length_baseline_accuracy", "eval_samples", "eval_chosen_shorter_pairs",
+            "eval_score_length_correlation"} <= set(results)
+    assert ("eval_length_balanced_accuracy" in results) == (results["eval_chosen_shorter_pairs"] > 0)
+    assert "implicit-reward accuracy" in proc.stdout + proc.stderr and "length-only baseline" in proc.stdout + proc.stderr
     meta = json.loads((out / "dpo.json").read_text())
     assert meta["loss_type"] == "sigmoid" and meta["beta"] == 0.5
     scored = tmp_path / "scored.json"

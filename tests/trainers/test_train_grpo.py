@@ -66,3 +66,25 @@ def test_two_processes_zero3_lora_groups_stay_together_and_the_math_reward_score
     assert all("eval_accuracy" in e and 0 <= e["eval_accuracy"] <= 1 for e in evals)
     samples = read_jsonl(out / "samples.jsonl")
     assert len(samples) >= 2 and samples[0]["prompt"] == samples[1]["prompt"]  # a group's answers side by side
+
+
+def test_the_length_penalty_reaches_the_reward_and_the_length_guard_stops_a_runaway(tiny_llama, tmp_path):
+    out = tmp_path / "penalised"
+    check_ok(run_cli("train_grpo.py", *grpo_args(
+        tiny_llama, out, "--reward_fn", "tests/reward_fns.py:constant", "--length_penalty", "0.01",
+        "--finetuning_type", "lora", "--lora_target", "q_proj,v_proj", "--per_device_train_batch_size", "2",
+        "--n_samples_per_prompt", "2", "--max_steps", "2", "--logging_steps", "1")))
+    for row in train_rows(out):  # a constant score of 1, less 0.01 per answer token
+        assert row["reward"] == pytest.approx(1.0 - 0.01 * row["response_length"], abs=1e-5)
+
+    from types import SimpleNamespace
+
+    from rlhf_ds.trainers.online.trainer import OnlineTrainer
+
+    trainer = SimpleNamespace(history=[], online=SimpleNamespace(max_length_growth=0.5))
+    rows = [{"response_length": n, "reward": r} for n, r in ((20, 0.1), (21, 0.1), (20, 0.2), (30, 0.4), (34, 0.5))]
+    assert all(OnlineTrainer.stop_early(trainer, row) is None for row in rows)
+    reason = OnlineTrainer.stop_early(trainer, {"response_length": 36, "reward": 0.6})
+    assert reason and "grew from 20.3 to 33.3 tokens" in reason and "--max_length_growth 50%" in reason
+    trainer.online.max_length_growth = None
+    assert OnlineTrainer.stop_early(trainer, {"response_length": 90, "reward": 0.9}) is None
