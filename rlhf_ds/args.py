@@ -75,6 +75,9 @@ class DataArguments:
     max_samples: int | None = field(
         default=None, metadata={"help": "Use at most this many records of each dataset (first N)."}
     )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "At most this many records of each --eval_dataset (default: --max_samples)."}
+    )
     val_size: float = field(
         default=0.0, metadata={"help": "Held-out evaluation split: a fraction (<1) or a number of examples."}
     )
@@ -93,6 +96,12 @@ class DataArguments:
             raise UserError(f"--val_size {self.val_size} must be >= 0 (a fraction below 1 or a count)")
         if self.max_samples is not None and self.max_samples < 1:
             raise UserError(f"--max_samples {self.max_samples} must be >= 1")
+        if self.max_eval_samples is not None and self.max_eval_samples < 1:
+            raise UserError(f"--max_eval_samples {self.max_eval_samples} must be >= 1")
+
+    def eval_samples(self) -> int | None:
+        """How many records of each --eval_dataset to read."""
+        return self.max_eval_samples if self.max_eval_samples is not None else self.max_samples
         _check_range("max_answers_per_record", self.max_answers_per_record, low=2)
 
 
@@ -567,6 +576,7 @@ UNUSED_FLAGS: dict[str, dict[str, str]] = {
         "deepspeed": "eval_rm.py builds an inference engine from --zero_stage and --offload",
         "val_size": "eval_rm.py scores every pair of --dataset",
         "eval_dataset": "give the file to score as --dataset",
+        "max_eval_samples": "eval_rm.py scores --max_samples records of --dataset",
     },
 }
 STAGE_GROUPS = (ModelArguments, DataArguments, FinetuningArguments, TrainingArguments, RuntimeArguments)

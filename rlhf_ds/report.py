@@ -92,7 +92,8 @@ def sft_section(run: Path) -> Section:
                        ev.get("eval_perplexity"))])
     if "eval_perplexity" in ev and "init_eval_perplexity" in ev:
         b, a = ev["init_eval_perplexity"], ev["eval_perplexity"]
-        s.verdicts.append(f"SFT {'lowered' if a < b else 'did not lower'} the held-out perplexity ({b:.2f} -> {a:.2f}).")
+        verb = "lowered" if a < b else "did not lower"
+        s.verdicts.append(f"SFT {verb} the held-out perplexity ({b:.2f} -> {a:.2f}).")
     s.plots.append((plot_grid(read_metrics(run / "sft", "train"), [("loss", "SFT training loss (answer tokens)")],
                               run / "sft_loss.png", "SFT"), "SFT loss"))
     return s
@@ -116,9 +117,11 @@ def pair_verdict(ev: dict, what: str) -> str:
     verdict = "beats" if acc > base + 0.02 else "matches" if abs(acc - base) <= 0.02 else "falls short of"
     line = (f"The {what} ranks {acc:.1%} of held-out pairs correctly (chance: 50%) and {verdict} the length-only "
             f"baseline ({base:.1%}).")
-    if ev.get("eval_accuracy_chosen_shorter") is not None:
-        line += (f" Where the better answer is the shorter one it is right {ev['eval_accuracy_chosen_shorter']:.1%} "
-                 f"of the time: {'it judges more than length' if ev['eval_accuracy_chosen_shorter'] >= 0.5 else 'it mostly rewards length'}.")
+    shorter = ev.get("eval_accuracy_chosen_shorter")
+    if shorter is not None:
+        reading = "it judges more than length" if shorter >= 0.5 else "it mostly rewards length"
+        line += (f" Where the better answer is the shorter one ({ev['eval_chosen_shorter_pairs']} pairs) it is right "
+                 f"{shorter:.1%} of the time: {reading}.")
     return line
 
 

@@ -186,9 +186,9 @@ class RewardTrainer(SupervisedTrainer):
         self.tracker.log(results, step, kind="eval")
         logger.info("eval: accuracy %.4f (length-only baseline %.4f; chosen-shorter pairs %s; length-balanced %s; "
                     "score-length correlation %.3f) loss %.4f on %d pairs", results["eval_accuracy"],
-                    results["eval_length_baseline_accuracy"],
-                    _fmt(results.get("eval_accuracy_chosen_shorter")), _fmt(results.get("eval_length_balanced_accuracy")),
-                    results["eval_score_length_correlation"], results["eval_loss"], results["eval_samples"])
+                    results["eval_length_baseline_accuracy"], _fmt(results.get("eval_accuracy_chosen_shorter")),
+                    _fmt(results.get("eval_length_balanced_accuracy")), results["eval_score_length_correlation"],
+                    results["eval_loss"], results["eval_samples"])
         return results
 
     def _score_stats(self) -> dict[str, Any]:

@@ -67,7 +67,8 @@ class SupervisedTrainer(Trainer):
                     keep_ties=d.keep_ties, report=self.report, max_answers_per_record=d.max_answers_per_record)
         examples = load_examples(d.dataset, self.kind, **load)
         if d.eval_dataset:
-            train, evaluation = examples, load_examples(d.eval_dataset, self.kind, **load)
+            evaluation = load_examples(d.eval_dataset, self.kind, **{**load, "max_samples": d.eval_samples()})
+            train = examples
         elif d.val_size:
             train, evaluation = split_eval(examples, d.val_size, self.args.seed)
         else:

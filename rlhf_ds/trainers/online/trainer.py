@@ -168,7 +168,8 @@ class OnlineTrainer(Trainer):
                     keep_ties=True, report=self.report)
         examples = load_examples(d.dataset, "sft", **load)
         if d.eval_dataset:
-            train, evaluation = examples, load_examples(d.eval_dataset, "sft", **load)
+            evaluation = load_examples(d.eval_dataset, "sft", **{**load, "max_samples": d.eval_samples()})
+            train = examples
         elif d.val_size:
             train, evaluation = split_eval(examples, d.val_size, self.args.seed)
         else:
