@@ -1,7 +1,10 @@
-"""A verifiable task a 0.5B model half-solves on a CPU budget: short arithmetic word problems, generated with a
+"""A verifiable task a 0.5B model partly solves on a CPU budget: short arithmetic word problems, generated with a
 seed, in the `qa` layout of GSM8K (question, worked answer ending in "#### N"). GSM8K itself is too hard for a
 0.5B model to improve on measurably within half an hour of CPU time; these problems take one or two operations on
-small numbers, so a rollout needs few tokens and the model gets about half of them right before training.
+small numbers, and the instruction asks for one line, so a rollout needs few tokens. Measured with
+Qwen2.5-Coder-0.5B-Instruct (greedy, 48 test problems): asked to think step by step it is right 77% of the time
+but needs about 180 tokens (0% within 64); asked for one line it answers in about 16 tokens and is right 15% of
+the time, often skipping the calculation — room for GRPO to teach it to write the calculation down.
 
 `python -m rlhf_ds.data.arithmetic` rebuilds data/arithmetic_{train,test}.jsonl byte for byte (their sha256 are in
 data/NOTICE.md); the test problems never appear in the training file.
@@ -16,7 +19,7 @@ from rlhf_ds.args import DEFAULT_DATASET_DIR
 
 SEED = 1729
 SIZES = {"train": 3000, "test": 240}
-INSTRUCTION = "Think step by step, then give the final answer as 'The answer is N'."
+INSTRUCTION = "Write the calculation in one short line, then end with 'The answer is N'."
 
 NAMES = ["Ana", "Ben", "Chen", "Dina", "Eli", "Fatima", "Gao", "Hana", "Ivan", "Jun", "Kofi", "Lena", "Mei", "Noor"]
 THINGS = ["apples", "books", "marbles", "stamps", "coins", "pencils", "stickers", "cards", "shells", "beads"]
