@@ -8,7 +8,7 @@ markdown table of each.
 
     python benchmarks/length_debias.py --out output/length_debias --model smollm2-135m-instruct
     python benchmarks/length_debias.py --out output/length_debias_qwen --methods none,odin \\
-        --ppo_sft output/recipe/sft --ppo_against none,odin
+        --ppo_sft output/recipe/sft --ppo_against none,best
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def train_ppo(args, method: str, out: Path) -> dict:
     target = out / f"ppo-{method}"
     if not (target / "train_results.json").is_file():
         seconds = run([sys.executable, str(REPO / "launch" / "train_ppo.py"), "--model_name_or_path", args.model,
-                       "--do_train", "--dataset", "alpaca_gpt4_zh", "--sft_model", args.ppo_sft, "--reward_model",
+                       "--do_train", "--dataset", args.ppo_dataset, "--sft_model", args.ppo_sft, "--reward_model",
                        str(out / f"rm-{method}"), "--output_dir", str(target), "--finetuning_type", "lora",
                        "--bf16", "--max_steps", str(args.ppo_steps), "--per_device_train_batch_size", "4",
                        "--gradient_accumulation_steps", "2", "--learning_rate", "2e-4", "--ppo_epochs", "1",
@@ -80,6 +80,18 @@ def train_ppo(args, method: str, out: Path) -> dict:
             / max(first["eval_response_length"], 1e-9), "kl_after": last.get("eval_kl")}
 
 
+def pick_best(rows: list[dict]) -> str:
+    """The debiasing method issue 20 asks for: the highest length-balanced accuracy among those whose overall
+    accuracy is within 3 points of the plain RM's (ties: the higher chosen-shorter accuracy)."""
+    plain = next(r for r in rows if r["method"] == "none")
+    fair = [r for r in rows if r["method"] != "none" and r["eval_accuracy"] >= plain["eval_accuracy"] - 0.03]
+    if not fair:
+        fair = [r for r in rows if r["method"] != "none"]
+    best = max(fair, key=lambda r: (r["eval_length_balanced_accuracy"], r["eval_accuracy_chosen_shorter"]))
+    print(f"best: {best['method']} (length-balanced {best['eval_length_balanced_accuracy']:.3f})", file=sys.stderr)
+    return best["method"]
+
+
 def main() -> None:
     from rlhf_ds.engines.precision import cpu_description
 
@@ -91,7 +103,8 @@ def main() -> None:
     p.add_argument("--max_length", type=int, default=192)
     p.add_argument("--rm_learning_rate", type=float, default=2e-4)
     p.add_argument("--ppo_sft", default="", help="an SFT output to start PPO from (PPO runs only when given)")
-    p.add_argument("--ppo_against", default="none,odin")
+    p.add_argument("--ppo_against", default="none,best", help="RMs to run PPO against; best: see pick_best")
+    p.add_argument("--ppo_dataset", default="alpaca_gpt4_zh", help="PPO's prompts (the recipe's: OUT/data/ppo_prompts.json)")
     p.add_argument("--ppo_steps", type=int, default=8)
     p.add_argument("--ppo_eval_prompts", type=int, default=16)
     p.add_argument("--max_new_tokens", type=int, default=64)
@@ -104,7 +117,8 @@ def main() -> None:
     machine = {"commit": commit, "cpu": cpu_description().get("model"), "model": args.model}
     rows = [train_rm(args, m, out) for m in args.methods.split(",")]
     if args.ppo_sft:
-        rows += [train_ppo(args, m, out) for m in args.ppo_against.split(",")]
+        against = [pick_best(rows) if m == "best" else m for m in args.ppo_against.split(",")]
+        rows += [train_ppo(args, m, out) for m in dict.fromkeys(against)]
     with open(out / "results.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps({**machine, **row}) + "\n")

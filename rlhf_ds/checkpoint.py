@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from rlhf_ds import dist
-from rlhf_ds.engines.ds_compat import weights_only_loads
+from rlhf_ds.engines.ds_compat import recorded_write_errors, weights_only_loads
 from rlhf_ds.errors import UserError
 from rlhf_ds.faults import die_if_asked, fail_save_if_asked
 from rlhf_ds.outputs import fsync_path, fsync_tree, read_marker, refuse_finished, write_atomic
@@ -197,16 +197,21 @@ def save_resumable(out: Path, step: int, engines: dict, state: dict, write_model
     problem = dist.first_problem(problem)
     rng = capture_rng()
     if problem is None:
-        try:
-            fail_save_if_asked(step)
-            for name, engine in engines.items():
-                # frozen weights (a LoRA base, a frozen backbone) are reloaded from the model itself: not copied
-                frozen = any(not p.requires_grad for p in engine.module.parameters())
+        failed: list[OSError] = []
+        for name, engine in engines.items():
+            # frozen weights (a LoRA base, a frozen backbone) are reloaded from the model itself: not copied
+            frozen = any(not p.requires_grad for p in engine.module.parameters())
+            with recorded_write_errors(engine, lambda: fail_save_if_asked(step)) as errors:
                 engine.save_checkpoint(str(tmp / name), tag=ENGINE_TAG, save_latest=False,
                                        exclude_frozen_parameters=frozen)
-            torch.save(rng, tmp / "rng" / f"rank_{dist.rank()}.pt")
+            failed += errors
+        try:
+            if not failed:
+                torch.save(rng, tmp / "rng" / f"rank_{dist.rank()}.pt")
         except OSError as err:
-            problem = f"rank {dist.rank()} could not write {tmp}: {err}"
+            failed.append(err)
+        if failed:
+            problem = f"rank {dist.rank()} could not write {tmp}: {failed[0]}"
     problem = dist.first_problem(problem)
     if problem is None:
         try:

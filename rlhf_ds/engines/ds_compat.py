@@ -7,7 +7,7 @@ import contextlib
 import pickle
 from argparse import Namespace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -116,3 +116,32 @@ def weights_only_loads(where: Path) -> Iterator[None]:
         yield
     finally:
         torch.load = original
+
+
+@contextlib.contextmanager
+def recorded_write_errors(engine, before_write: Callable[[], None] | None = None) -> Iterator[list[OSError]]:
+    """While saving `engine`, a failed file write (a full disk) is recorded in the yielded list instead of raised,
+    and later writes of that save are skipped. DeepSpeed's save_checkpoint has collectives after its writes: a rank
+    that raised between them would leave the other ranks waiting in a barrier forever, where a recorded error lets
+    every rank reach the end and agree that the save failed. `before_write` runs before each write (fault
+    injection for the tests)."""
+    writer = engine.checkpoint_engine
+    original = writer.save
+    errors: list[OSError] = []
+
+    def save(*args, **kwargs):
+        if errors:
+            return None
+        try:
+            if before_write is not None:
+                before_write()
+            return original(*args, **kwargs)
+        except OSError as err:
+            errors.append(err)
+            return None
+
+    writer.save = save
+    try:
+        yield errors
+    finally:
+        writer.save = original
