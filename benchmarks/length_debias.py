@@ -41,7 +41,7 @@ def train_rm(args, method: str, out: Path) -> dict:
     if not (target / "value_head.json").is_file():
         seconds = run([sys.executable, str(REPO / "launch" / "train_rm.py"), "--model_name_or_path", args.model,
                        "--do_train", "--dataset", "comparison_gpt4_en_train,comparison_gpt4_zh_train",
-                       "--max_samples", str(args.pairs), "--max_eval_samples", "100000", "--do_eval",
+                       "--max_samples", str(args.pairs), "--max_eval_samples", str(args.eval_pairs), "--do_eval",
                        "--eval_dataset", "comparison_gpt4_heldout",
                        "--finetuning_type", "lora", "--per_device_train_batch_size", "4",
                        "--gradient_accumulation_steps", "2", "--learning_rate", str(args.rm_learning_rate),
@@ -100,6 +100,8 @@ def main() -> None:
     p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     p.add_argument("--methods", default="none,odin,balanced,regress,length_negatives")
     p.add_argument("--pairs", type=int, default=64, help="training pairs from each language's _train file")
+    p.add_argument("--eval_pairs", type=int, default=448,
+                   help="held-out pairs to score (the file's first N: all 178 English ones come first)")
     p.add_argument("--max_length", type=int, default=192)
     p.add_argument("--rm_learning_rate", type=float, default=2e-4)
     p.add_argument("--ppo_sft", default="", help="an SFT output to start PPO from (PPO runs only when given)")

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Kill a 2-process PPO run (ZeRO-3 actor with LoRA, ZeRO-2 critic, a checkpoint every step) at random moments with
-SIGKILL to the whole process group, rerun the same command until it finishes, and compare its per-step metrics and
+SIGKILL to the launcher and every rank, rerun the same command until it finishes, and compare its per-step metrics and
 final weights with a run that was never interrupted. Prints one JSON line: trials, kills, runs that lost anything.
 
     python benchmarks/random_kills.py --trials 20          # about 15 minutes on 2 CPU cores
@@ -37,8 +37,25 @@ def command(model: Path, out: Path, port: int) -> list[str]:
             "--disable_tqdm", "--target_kl", "1", "--kl_horizon", "100"]
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def run(cmd: list[str], kill_after: float | None = None) -> int:
-    """Run to the end (returns the exit code) or SIGKILL the whole process group after kill_after seconds."""
+    """Run to the end (returns the exit code) or SIGKILL the launcher and every rank after kill_after seconds."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
                                                              "MASTER_PORT", "LOCAL_WORLD_SIZE")}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
@@ -46,7 +63,13 @@ def run(cmd: list[str], kill_after: float | None = None) -> int:
     try:
         proc.wait(timeout=kill_after)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        # torchrun starts each rank in a session of its own (torch 2.x), so killing the launcher's process group
+        # would leave the ranks running: kill the whole tree, as a node failure would
+        for pid in [proc.pid, *descendants(proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         proc.wait()
         # a killed rank cannot unlink DeepSpeed's shared-memory all-reduce segment (67 MB each): do it for it
         port = cmd[cmd.index("--master_port") + 1]
@@ -107,6 +130,8 @@ def main() -> None:
         while run(command(model, out, free_port()), kill_after=moment) == -9:
             kills += 1
             moments.append(round(moment, 1))
+            if (out / "train_results.json").is_file():  # killed after it had finished, before it exited
+                break
             moment = None if kills >= 2 else rng.uniform(1.0, duration)  # at most two kills, then run to the end
         lost = same(straight, out)
         results.append({"trial": trial, "killed_at_s": moments, "lost": lost})

@@ -98,11 +98,11 @@ class DataArguments:
             raise UserError(f"--max_samples {self.max_samples} must be >= 1")
         if self.max_eval_samples is not None and self.max_eval_samples < 1:
             raise UserError(f"--max_eval_samples {self.max_eval_samples} must be >= 1")
+        _check_range("max_answers_per_record", self.max_answers_per_record, low=2)
 
     def eval_samples(self) -> int | None:
         """How many records of each --eval_dataset to read."""
         return self.max_eval_samples if self.max_eval_samples is not None else self.max_samples
-        _check_range("max_answers_per_record", self.max_answers_per_record, low=2)
 
 
 @dataclass

@@ -89,8 +89,9 @@ def _sha256(path: Path) -> str:
 
 
 def _files(folder: Path) -> list[Path]:
-    """The files a manifest covers: all but itself and the universal conversions made later from the files."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST
+    """The files a manifest covers: all but itself and the universal conversions made later from the files (the
+    converted folder and the `latest_universal` tag file DeepSpeed writes beside it)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, "latest_universal")
                   and f"{ENGINE_TAG}_universal" not in p.relative_to(folder).parts)
 
 

@@ -120,7 +120,8 @@ def load_examples(spec: str, kind: str, dataset_dir: str, dataset_format: str | 
             raw = raw.select(range(max_samples))
         fp = _fingerprint(file_sha1(source.path), fmt, kind, len(raw), NORMALISE_VERSION, max_answers_per_record)
         capped = 0
-        if kind == "preference" and fmt == "ranked":
+        if kind == "preference" and fmt == "ranked" and "output" in raw.column_names:
+            # (a record without 'output' is reported by the normaliser below, with its line)
             capped = sum(len(o) > max_answers_per_record for o in raw["output"] if isinstance(o, list))
         examples = raw.map(normaliser(fmt, kind, str(source.path), max_answers_per_record), batched=True,
                            with_indices=True,

@@ -84,12 +84,13 @@ def convert_to_universal(input_folder: Path, output_folder: Path) -> None:
 
 def checkpoint_allow_list() -> list:
     """The classes besides tensors and containers that DeepSpeed 0.19 pickles into its checkpoint files: its loss
-    scalers and the ZeRO stage enum (found by reading the pickles' globals; tests/test_resume.py loads every kind
+    scalers, the ZeRO stage enum and the (numel, start) record of a flat-buffer fragment (found by reading the pickles' globals; tests/test_resume.py loads every kind
     of checkpoint the tests write through this list)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum]
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 @contextlib.contextmanager

@@ -101,8 +101,21 @@ class RewardTrainer(SupervisedTrainer):
         """length_negatives: pairs whose rejected answer is a good answer made longer without making it better."""
         if self.debias != "length_negatives":
             return examples
-        padded = length_negatives(examples, self.reward_args.negatives_share, self.args.seed)
-        self.report.add(f"length_negatives: {len(padded)} padded pairs added to {len(examples)} training pairs")
+        # Only answers short enough to stay shorter than --max_length once padded: a longer one would be cut back
+        # to the chosen answer by truncation, and the pair dropped as identical.
+        budget = 0.6 * self.max_length
+
+        def fits(ex) -> bool:
+            text = "".join(m["content"] for m in ex["prompt"]) + ex["chosen"]
+            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) <= budget
+
+        candidates = [i for i, ex in enumerate(examples) if fits(ex)]
+        padded = length_negatives(examples, self.reward_args.negatives_share, self.args.seed, candidates)
+        self.report.add(f"length_negatives: {len(padded)} padded pairs added to {len(examples)} training pairs "
+                        f"(made from the {len(candidates)} whose prompt and chosen answer fit in "
+                        f"{int(budget)} tokens, 60% of --max_length)")
+        if not candidates:
+            return examples
         import datasets
 
         return datasets.concatenate_datasets([examples, padded]).shuffle(seed=self.args.seed)
@@ -242,16 +255,18 @@ def balance_weights(chosen: list[str], rejected: list[str]) -> list[float]:
     return [len(kinds) / (len(counts) * counts[k]) for k in kinds]
 
 
-def length_negatives(examples, share: float, seed: int):
+def length_negatives(examples, share: float, seed: int, candidates: list[int] | None = None):
     """Pairs that teach "longer is not better": the chosen answer against itself made longer — repeated, or
-    followed by another record's answer — so that the longer one is the worse."""
+    followed by another record's answer — so that the longer one is the worse. share * len(examples) pairs, their
+    answers drawn from `candidates` (indices; default every example)."""
     import random
 
     import datasets
 
     rng = random.Random(seed)
-    n = int(round(share * len(examples)))
-    picks = [rng.randrange(len(examples)) for _ in range(n)]
+    pool = list(range(len(examples))) if candidates is None else candidates
+    n = int(round(share * len(examples))) if pool else 0
+    picks = [pool[rng.randrange(len(pool))] for _ in range(n)]
     rows = {"prompt": [], "chosen": [], "rejected": []}
     for k, i in enumerate(picks):
         good = examples[i]["chosen"]

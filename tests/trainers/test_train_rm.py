@@ -164,7 +164,8 @@ def test_each_length_debias_method_trains_and_its_saved_scores_are_read_as_train
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
     if mode == "odin":
         assert all(0 < abs(r["head_cosine"]) < 1 and -1 <= r["quality_length_corr"] <= 1 for r in rows)
-        assert all(r["length_head_corr"] > 0 for r in rows[-3:])  # the length head learns to follow length
+        corr = [r["length_head_corr"] for r in rows]
+        assert sum(corr[-3:]) > sum(corr[:3]) + 0.3  # the length head learns to follow length
     elif mode == "regress":
         assert meta["length_slope_per_token"] != 0 and "regress: the score rises by" in log
     elif mode == "balanced":
@@ -172,8 +173,9 @@ def test_each_length_debias_method_trains_and_its_saved_scores_are_read_as_train
         assert "chosen shorter" in {k for k, _, _ in kinds}  # each kind weighs the same in total
         assert all(int(n) * float(w) == pytest.approx(64 / len(kinds), rel=0.02) for _, n, w in kinds)
     else:
-        assert "length_negatives: 32 padded pairs added to 64 training pairs" in log
-        assert len(rows) == 96 // 4
+        made = re.search(r"length_negatives: 32 padded pairs added to 64 training pairs \(made from the (\d+) ", log)
+        assert made and int(made.group(1)) > 0
+        assert len(rows) == 96 // 4  # none was cut back to its chosen answer by --max_length and dropped
     scored = tmp_path / "scored.json"
     check_ok(run_cli("eval_rm.py", "--reward_model", str(out), "--dataset", str(eval_file), "--max_length", "96",
                      "--output_file", str(scored)))
