@@ -192,7 +192,7 @@ def stage_commands(args: RecipeArguments, out: Path, sft_file: Path, ppo_file: P
                  "--learning_rate", str(args.grpo_learning_rate), "--lr_scheduler_type", "constant",
                  "--max_new_tokens", str(args.grpo_max_new_tokens), "--max_prompt_length", str(args.max_prompt_length),
                  "--temperature", "1.0", "--output_dir", str(out / "grpo"), "--do_eval", "--eval_dataset",
-                 args.grpo_eval_dataset, "--eval_steps", str(max(args.grpo_steps // 2, 1)),
+                 args.grpo_eval_dataset, "--eval_steps", str(args.grpo_steps),
                  "--per_device_eval_batch_size", "16", "--num_samples_to_log", "4", *shlex.split(args.grpo_args)],
     }
     return {name: [SCRIPTS[name], *commands[name]] for name in PATHS[args.algo]}
