@@ -190,7 +190,7 @@ def length_verdict(name: str, before: float | None, after: float | None) -> str:
     growth = _growth(before, after)
     if growth is None:
         return f"{name}: no answer lengths recorded."
-    flag = (" — longer answers buy reward from a judge that likes length; see docs/reward-models.md"
+    flag = (" — longer answers buy reward from a judge that likes length; see docs/length-bias.md"
             if growth > LENGTH_GROWTH_FLAG else "")
     return f"{name} answers went from {before:.1f} to {after:.1f} tokens ({growth:+.0%}){flag}."
 
