@@ -31,14 +31,14 @@ DEFAULT_RECIPE_MODEL = "qwen2.5-coder-0.5b-instruct"
 # so the fp32 profile trains on less and makes one PPO update per rollout (which also fuses the old log-probs into
 # the first training forward). Qwen2.5-Coder-0.5B reads Chinese and its answers can be judged by eye, but each step
 # costs 2.5-3x SmolLM2's.
-_DPO_GRPO = dict(dpo_pairs=160, dpo_eval=32, dpo_epochs=1, judge_prompts=16, grpo_steps=20, grpo_prompts=4,
+_DPO_GRPO = dict(dpo_pairs=64, dpo_eval=32, dpo_epochs=1, judge_prompts=16, grpo_steps=20, grpo_prompts=4,
                  grpo_samples=4, grpo_max_new_tokens=32)
 PROFILES: dict[str, dict[str, dict[str, float]]] = {
     "qwen2.5-coder-0.5b-instruct": {
         "bf16": dict(sft_examples=96, sft_eval=16, rm_pairs=100, rm_eval=20, ppo_steps=8, ppo_eval_prompts=8,
                      ppo_epochs=2, max_length=256, **_DPO_GRPO),
         "fp32": dict(sft_examples=80, sft_eval=16, rm_pairs=80, rm_eval=16, ppo_steps=8, ppo_eval_prompts=8,
-                     ppo_epochs=1, max_length=192, **{**_DPO_GRPO, "dpo_pairs": 96, "grpo_steps": 12})},
+                     ppo_epochs=1, max_length=192, **{**_DPO_GRPO, "dpo_pairs": 48, "grpo_steps": 12})},
     "smollm2-135m-instruct": {
         "bf16": dict(sft_examples=256, sft_eval=32, rm_pairs=300, rm_eval=60, ppo_steps=16, ppo_eval_prompts=16,
                      ppo_epochs=2, max_length=256, **_DPO_GRPO),
