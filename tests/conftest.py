@@ -114,3 +114,14 @@ def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def rm_straight(tiny_llama, artifacts) -> Path:
+    """An uninterrupted reward-model run with test_resume.rm_args, made once for every test that compares a stopped
+    and resumed run with it."""
+    from test_resume import rm_args
+
+    straight = artifacts / "rm-straight"
+    check_ok(run_cli("train_rm.py", *rm_args(tiny_llama, straight)))
+    return straight

@@ -14,9 +14,9 @@ from rlhf_ds.checkpoint import MANIFEST, latest_checkpoint
 from test_resume import COMPARED, assert_same_run, ppo_args, rm_args
 
 
-def test_a_requeued_job_with_overwrite_output_dir_resumes_instead_of_deleting_its_checkpoint(tiny_llama, tmp_path):
-    straight, out = tmp_path / "straight", tmp_path / "requeued"
-    check_ok(run_cli("train_rm.py", *rm_args(tiny_llama, straight)))
+def test_a_requeued_job_with_overwrite_output_dir_resumes_instead_of_deleting_its_checkpoint(tiny_llama, rm_straight,
+                                                                                            tmp_path):
+    straight, out = rm_straight, tmp_path / "requeued"
     job = {"SLURM_JOB_ID": "777"}
     proc = run_cli("train_rm.py", *rm_args(tiny_llama, out), "--overwrite_output_dir",
                    env={**job, "RLHF_DS_DIE_AT": "step:5"})

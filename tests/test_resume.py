@@ -54,9 +54,8 @@ def assert_same_run(a, b, keys, weights):
             torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0)
 
 
-def test_reward_model_killed_after_a_step_resumes_exactly(tiny_llama, tmp_path):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    check_ok(run_cli("train_rm.py", *rm_args(tiny_llama, straight)))
+def test_reward_model_killed_after_a_step_resumes_exactly(tiny_llama, rm_straight, tmp_path):
+    straight, killed = rm_straight, tmp_path / "killed"
     proc = run_cli("train_rm.py", *rm_args(tiny_llama, killed), env={"RLHF_DS_DIE_AT": "step:5"})
     assert proc.returncode == -signal.SIGKILL
     assert latest_checkpoint(killed).name == "step-4" and not (killed / "value_head.json").exists()
@@ -65,9 +64,8 @@ def test_reward_model_killed_after_a_step_resumes_exactly(tiny_llama, tmp_path):
     assert_same_run(straight, killed, COMPARED["rm"], ["adapter_model.safetensors", "value_head.safetensors"])
 
 
-def test_kill_during_a_save_leaves_the_previous_checkpoint_usable(tiny_llama, tmp_path):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    check_ok(run_cli("train_rm.py", *rm_args(tiny_llama, straight)))
+def test_kill_during_a_save_leaves_the_previous_checkpoint_usable(tiny_llama, rm_straight, tmp_path):
+    straight, killed = rm_straight, tmp_path / "killed"
     proc = run_cli("train_rm.py", *rm_args(tiny_llama, killed), env={"RLHF_DS_DIE_AT": "save:4"})
     assert proc.returncode == -signal.SIGKILL
     assert (killed / "checkpoints" / "step-4.tmp").is_dir()  # the half-written one is not taken for complete
