@@ -120,6 +120,8 @@ def pair_verdict(ev: dict, what: str) -> str:
     shorter = ev.get("eval_accuracy_chosen_shorter")
     if shorter is not None:
         reading = "it judges more than length" if shorter >= 0.5 else "it mostly rewards length"
+        if ev.get("eval_chosen_shorter_pairs", 0) < 20:  # a handful of pairs says nothing either way
+            reading = "too few such pairs to tell (comparison_gpt4_heldout has 224)"
         line += (f" Where the better answer is the shorter one ({ev['eval_chosen_shorter_pairs']} pairs) it is right "
                  f"{shorter:.1%} of the time: {reading}.")
     return line
