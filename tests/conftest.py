@@ -16,6 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# DeepSpeed's CPU op builds go to a folder of this checkout, not the user's ~/.cache: another clone's build (other
+# paths, so a rebuild) or a lock left there by a killed build cannot make the suite wait.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 
 from rlhf_ds.models import tiny  # noqa: E402
 
@@ -82,6 +85,27 @@ def zero3_test_config(path: Path, offload: bool = True) -> Path:
         "zero_optimization": zero})
 
 
+def run_tree(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(capture_output=True, text=True) that kills the whole process tree on a timeout: torchrun and
+    the deepspeed launcher start ranks in sessions of their own, which would outlive the launcher and keep the
+    machine busy (or hold DeepSpeed's op build lock) for the rest of the suite."""
+    import psutil
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for child in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, timeout, output=out, stderr=err) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_cli(script: str, *args: str, nproc: int = 1, launcher: str = "python", timeout: int = 600,
             env: dict | None = None) -> subprocess.CompletedProcess:
     """Run launch/<script> the way a user does: plain python, the deepspeed launcher, or torchrun."""
@@ -101,9 +125,7 @@ def run_cli(script: str, *args: str, nproc: int = 1, launcher: str = "python", t
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
         full_env.pop(key, None)  # the in-process dist fixture must not leak into children
-    proc = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout, env=full_env,
-                          cwd=str(REPO))
-    return proc
+    return run_tree(cmd + list(args), timeout, env=full_env, cwd=str(REPO))
 
 
 def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import REPO, check_ok, read_jsonl, run_cli
 from rlhf_ds.checkpoint import MANIFEST, latest_checkpoint
 from test_resume import COMPARED, assert_same_run, ppo_args, rm_args
@@ -111,3 +113,23 @@ def test_a_run_killed_at_a_random_moment_ends_as_an_uninterrupted_one():
     check_ok(proc)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["trials"] == 1 and result["kills"] >= 1 and result["trials_that_lost_anything"] == 0, result
+
+
+def test_a_deepspeed_op_build_lock_left_by_a_killed_start_is_named_instead_of_waited_on(tiny_llama, tmp_path,
+                                                                                        monkeypatch):
+    from rlhf_ds.engines.ds_compat import SHM_OP_NAME, STALE_BUILD_LOCK_S, stale_shm_op_build_lock
+
+    extensions = tmp_path / "extensions"
+    lock = extensions / SHM_OP_NAME / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()  # a build in progress right now: left alone
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
+    assert stale_shm_op_build_lock() is None
+    old = time.time() - STALE_BUILD_LOCK_S - 60
+    os.utime(lock, (old, old))
+    assert stale_shm_op_build_lock() == (lock, pytest.approx(STALE_BUILD_LOCK_S + 60, abs=30))
+    proc = run_cli("train_rm.py", *rm_args(tiny_llama, tmp_path / "run"), timeout=120,
+                   env={"TORCH_EXTENSIONS_DIR": str(extensions)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{lock} is 11 minutes old: a DeepSpeed op build was killed and left its lock" in proc.stderr
+    assert lock.exists()  # not ours to delete

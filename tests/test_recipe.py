@@ -1,12 +1,11 @@
 """The whole recipe end to end on a tiny model (SFT -> RM -> PPO -> report), then export, reload and chat; and
 the shell scripts that mirror the original recipe, under python and the deepspeed launcher."""
 import os
-import subprocess
 import sys
 
 import torch
 
-from conftest import REPO, check_ok, run_cli
+from conftest import REPO, check_ok, run_cli, run_tree
 
 
 def test_recipe_runs_end_to_end_then_exports_and_reloads(tiny_llama, tmp_path):
@@ -90,8 +89,7 @@ def test_recipe_shell_scripts_run_under_python_and_the_deepspeed_launcher(tiny_l
                               "EXTRA_ARGS": quick.replace("--max_length 64", "--max_new_tokens 4 --max_prompt_length 32")})]
     for script, env in runs:
         env = {**base_env, "EXTRA_ARGS": quick, **env}
-        proc = subprocess.run(["bash", str(REPO / "launch" / "recipe" / script)], capture_output=True, text=True,
-                              env=env, timeout=300)
+        proc = run_tree(["bash", str(REPO / "launch" / "recipe" / script)], timeout=300, env=env)
         check_ok(proc)
     assert (tmp_path / "sft" / "adapter_config.json").exists() and (tmp_path / "rm" / "value_head.json").exists()
     assert (tmp_path / "ppo" / "actor_merged" / "config.json").exists()

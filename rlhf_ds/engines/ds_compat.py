@@ -146,3 +146,27 @@ def recorded_write_errors(engine, before_write: Callable[[], None] | None = None
         yield errors
     finally:
         writer.save = original
+
+
+# DeepSpeed JIT-builds its CPU shared-memory all-reduce op on the first distributed start (deepspeed/comm/torch.py,
+# build_shm_op), under a lock file in torch's extension folder (torch.utils.file_baton.FileBaton). A start killed
+# during that build (a preemption, a timeout, Ctrl-C) leaves the lock behind, and every later start on the machine
+# then waits for it forever without a word. The build takes about a minute on 2 cores; a lock much older than that
+# belongs to nobody.
+SHM_OP_NAME = "deepspeed_shm_comm"
+STALE_BUILD_LOCK_S = 600
+
+
+def stale_shm_op_build_lock() -> tuple[Path, float] | None:
+    """(lock file, its age in seconds) when DeepSpeed's shm op build lock has been left behind, else None
+    (rlhf_ds/dist.py checks it before the first DeepSpeed start; tests/test_dist.py)."""
+    import time
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    try:
+        lock = Path(_get_build_directory(SHM_OP_NAME, verbose=False)) / "lock"
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return None
+    return (lock, age) if age > STALE_BUILD_LOCK_S else None

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, check_ok
+from conftest import REPO, check_ok, run_tree
 
 
 @pytest.fixture(scope="module")
@@ -18,16 +18,14 @@ def tiny_opt(artifacts, tokenizer_dir):
 
 
 def test_hybrid_engine_against_plain_generation_and_a_never_switched_engine(tiny_llama, tiny_opt, tmp_path):
-    import subprocess
-
     from rlhf_ds.dist import free_port
 
     out = tmp_path / "hybrid.json"
     env = {k: v for k, v in __import__("os").environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), str(REPO / "tests" / "workers" / "hybrid_check.py"), str(out),
-                           str(tiny_llama), str(tiny_opt)], capture_output=True, text=True, timeout=300, env=env)
+    proc = run_tree([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                     str(free_port()), str(REPO / "tests" / "workers" / "hybrid_check.py"), str(out),
+                     str(tiny_llama), str(tiny_opt)], timeout=300, env=env)
     check_ok(proc)
     results = json.loads(out.read_text())
     assert len(results) == 10  # 2 architectures x (2 stages x 2 fine-tuning types + layer-by-layer gathering)

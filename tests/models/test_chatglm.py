@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, check_ok, read_jsonl, run_cli, zero3_test_config
+from conftest import REPO, check_ok, read_jsonl, run_cli, run_tree, zero3_test_config
 
 from rlhf_ds.errors import UserError
 from rlhf_ds.models.chatglm import tiny as glm_tiny
@@ -654,9 +654,9 @@ def test_hybrid_engine_generates_as_plain_generation_and_restores_everything(tin
     out = tmp_path / "hybrid.json"
     env = {k: v for k, v in __import__("os").environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    check_ok(subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             str(free_port()), str(REPO / "tests" / "workers" / "chatglm_hybrid_check.py"), str(out),
-                             str(tiny_glm)], capture_output=True, text=True, timeout=300, env=env))
+    check_ok(run_tree([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                       str(free_port()), str(REPO / "tests" / "workers" / "chatglm_hybrid_check.py"), str(out),
+                       str(tiny_glm)], timeout=300, env=env))
     results = json.loads(out.read_text())
     assert sorted(results) == ["zero3-layers|lora", "zero3|full", "zero3|lora"]
     for combo, ranks in results.items():

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, read_jsonl
+from conftest import REPO, read_jsonl, run_tree
 from rlhf_ds.dist import free_port
 
 VENV_BIN = Path(sys.executable).parent
@@ -176,7 +176,7 @@ def on_host1(*cmd: str) -> list[str]:
 
 def run(cmd, env, timeout=300) -> subprocess.CompletedProcess:
     started = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+    proc = run_tree(cmd, timeout, env=env, cwd=REPO)
     proc.seconds = time.time() - started
     print(f"{' '.join(cmd[:12])} ... -> {proc.returncode} in {proc.seconds:.1f} s")
     return proc
