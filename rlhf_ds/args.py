@@ -5,15 +5,13 @@ JSON file of flag values; flags given after it override the file (`train_rm.py m
 """
 from __future__ import annotations
 
-import json
-import math
 import os
-import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rlhf_ds.errors import UserError
+from rlhf_ds.flag_parsing import check_choice, check_range
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
@@ -50,7 +48,7 @@ class ModelArguments:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
 
     def __post_init__(self) -> None:
-        _check_choice("template", self.template, TEMPLATES)
+        check_choice("template", self.template, TEMPLATES)
 
 
 @dataclass
@@ -98,7 +96,7 @@ class DataArguments:
             raise UserError(f"--max_samples {self.max_samples} must be >= 1")
         if self.max_eval_samples is not None and self.max_eval_samples < 1:
             raise UserError(f"--max_eval_samples {self.max_eval_samples} must be >= 1")
-        _check_range("max_answers_per_record", self.max_answers_per_record, low=2)
+        check_range("max_answers_per_record", self.max_answers_per_record, low=2)
 
     def eval_samples(self) -> int | None:
         """How many records of each --eval_dataset to read."""
@@ -120,12 +118,12 @@ class FinetuningArguments:
     )
 
     def __post_init__(self) -> None:
-        _check_choice("finetuning_type", self.finetuning_type, FINETUNING_TYPES)
+        check_choice("finetuning_type", self.finetuning_type, FINETUNING_TYPES)
         if self.lora_rank < 1:
             raise UserError(f"--lora_rank {self.lora_rank} must be >= 1")
         if self.lora_alpha is None:
             self.lora_alpha = 2.0 * self.lora_rank
-        _check_range("lora_alpha", self.lora_alpha, low=0, low_open=True)
+        check_range("lora_alpha", self.lora_alpha, low=0, low_open=True)
         if not 0 <= self.lora_dropout < 1:
             raise UserError(f"--lora_dropout {self.lora_dropout} must be in [0, 1)")
         if self.num_layer_trainable < 1:
@@ -173,8 +171,8 @@ class TrainingArguments:
     plot_loss: bool = field(default=False, metadata={"help": "Write training_loss.png at the end."})
 
     def __post_init__(self) -> None:
-        _check_choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
-        _check_choice("report_to", self.report_to, ("none", "tensorboard"))
+        check_choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
+        check_choice("report_to", self.report_to, ("none", "tensorboard"))
         if self.eval_steps < 0:
             raise UserError(f"--eval_steps {self.eval_steps} must be >= 0")
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
@@ -184,16 +182,16 @@ class TrainingArguments:
             raise UserError("nothing to train: give --num_train_epochs > 0 or --max_steps > 0")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise UserError(f"--save_total_limit {self.save_total_limit} must be >= 1")
-        _check_range("warmup_ratio", self.warmup_ratio, 0, 1, high_open=True)
-        _check_range("learning_rate", self.learning_rate, low=0, low_open=True)
-        _check_range("weight_decay", self.weight_decay, low=0)
-        _check_range("adam_beta1", self.adam_beta1, 0, 1, high_open=True)
-        _check_range("adam_beta2", self.adam_beta2, 0, 1, high_open=True)
-        _check_range("adam_epsilon", self.adam_epsilon, low=0, low_open=True)
-        _check_range("max_grad_norm", self.max_grad_norm, low=0)
-        _check_range("num_train_epochs", self.num_train_epochs, low=0)
+        check_range("warmup_ratio", self.warmup_ratio, 0, 1, high_open=True)
+        check_range("learning_rate", self.learning_rate, low=0, low_open=True)
+        check_range("weight_decay", self.weight_decay, low=0)
+        check_range("adam_beta1", self.adam_beta1, 0, 1, high_open=True)
+        check_range("adam_beta2", self.adam_beta2, 0, 1, high_open=True)
+        check_range("adam_epsilon", self.adam_epsilon, low=0, low_open=True)
+        check_range("max_grad_norm", self.max_grad_norm, low=0)
+        check_range("num_train_epochs", self.num_train_epochs, low=0)
         for name in ("warmup_steps", "save_steps"):
-            _check_range(name, getattr(self, name), low=0)
+            check_range(name, getattr(self, name), low=0)
 
 
 @dataclass
@@ -228,11 +226,11 @@ class RuntimeArguments:
             raise UserError(f"--zero_stage {self.zero_stage}: choose 2 or 3 (0 for evaluation only)")
         if self.per_device_eval_batch_size < 1:
             raise UserError(f"--per_device_eval_batch_size {self.per_device_eval_batch_size} must be >= 1")
-        _check_range("dist_timeout", self.dist_timeout, low=1)
+        check_range("dist_timeout", self.dist_timeout, low=1)
         if self.fp16 and self.bf16:
             raise UserError("--fp16 and --bf16 are exclusive; pick one")
         if self.precision is not None:
-            _check_choice("precision", self.precision, ("bf16", "fp16", "fp32"))
+            check_choice("precision", self.precision, ("bf16", "fp16", "fp32"))
         if self.deepspeed and not os.path.isfile(self.deepspeed):
             raise UserError(f"--deepspeed {self.deepspeed}: no such file")
 
@@ -256,9 +254,9 @@ class RewardArguments:
                                                                   "share of the training pairs."})
 
     def __post_init__(self) -> None:
-        _check_choice("length_debias", self.length_debias, LENGTH_DEBIAS)
-        _check_range("odin_coef", self.odin_coef, low=0)
-        _check_range("negatives_share", self.negatives_share, 0, 1)
+        check_choice("length_debias", self.length_debias, LENGTH_DEBIAS)
+        check_range("odin_coef", self.odin_coef, low=0)
+        check_range("negatives_share", self.negatives_share, 0, 1)
 
 
 @dataclass
@@ -392,13 +390,13 @@ class OnlineArguments:
         if self.reward_zero_stage is not None and self.reward_zero_stage not in (0, 3):
             raise UserError(f"--reward_zero_stage {self.reward_zero_stage}: choose 0 (a full copy per rank) or 3 "
                             f"(partitioned)")
-        _check_choice("advantage_estimator", self.advantage_estimator, tuple(ADVANTAGE_ESTIMATORS))
-        _check_choice("policy_loss", self.policy_loss, tuple(POLICY_LOSSES))
-        _check_choice("loss_agg", self.loss_agg, tuple(LOSS_AGGREGATIONS))
-        _check_choice("kl_estimator", self.kl_estimator, tuple(KL_ESTIMATORS))
-        _check_choice("fuse_experience", self.fuse_experience, ("auto", "off"))
-        _check_choice("hybrid_engine", self.hybrid_engine, ("on", "deepspeed", "off"))
-        _check_choice("hybrid_merge_lora", self.hybrid_merge_lora, ("auto", "on", "off"))
+        check_choice("advantage_estimator", self.advantage_estimator, tuple(ADVANTAGE_ESTIMATORS))
+        check_choice("policy_loss", self.policy_loss, tuple(POLICY_LOSSES))
+        check_choice("loss_agg", self.loss_agg, tuple(LOSS_AGGREGATIONS))
+        check_choice("kl_estimator", self.kl_estimator, tuple(KL_ESTIMATORS))
+        check_choice("fuse_experience", self.fuse_experience, ("auto", "off"))
+        check_choice("hybrid_engine", self.hybrid_engine, ("on", "deepspeed", "off"))
+        check_choice("hybrid_merge_lora", self.hybrid_merge_lora, ("auto", "on", "off"))
         if self.hybrid_gather_layers < 0:
             raise UserError(f"--hybrid_gather_layers {self.hybrid_gather_layers} must be >= 0")
         for name in ("max_new_tokens", "max_prompt_length", "ppo_epochs", "n_samples_per_prompt"):
@@ -427,17 +425,17 @@ class OnlineArguments:
         for name in ("actor_learning_rate", "critic_learning_rate", "cliprange", "cliprange_high",
                      "cliprange_value"):
             if getattr(self, name) is not None:
-                _check_range(name, getattr(self, name), low=0, low_open=True)
-        _check_range("cliprange_low", self.cliprange_low, 0, 1, low_open=True, high_open=True)
-        _check_range("gamma", self.gamma, 0, 1, low_open=True)
-        _check_range("lam", self.lam, 0, 1)
+                check_range(name, getattr(self, name), low=0, low_open=True)
+        check_range("cliprange_low", self.cliprange_low, 0, 1, low_open=True, high_open=True)
+        check_range("gamma", self.gamma, 0, 1, low_open=True)
+        check_range("lam", self.lam, 0, 1)
         if self.max_length_growth is not None:
-            _check_range("max_length_growth", self.max_length_growth, low=0, low_open=True)
+            check_range("max_length_growth", self.max_length_growth, low=0, low_open=True)
         for name in ("vf_coef", "reward_clip", "overlong_penalty", "top_k", "num_samples_to_log", "length_penalty"):
-            _check_range(name, getattr(self, name), low=0)
-        _check_range("kl_horizon", self.kl_horizon, low=1)
+            check_range(name, getattr(self, name), low=0)
+        check_range("kl_horizon", self.kl_horizon, low=1)
         if self.per_device_generation_batch_size is not None:
-            _check_range("per_device_generation_batch_size", self.per_device_generation_batch_size, low=1)
+            check_range("per_device_generation_batch_size", self.per_device_generation_batch_size, low=1)
 
     @property
     def needs_critic(self) -> bool:
@@ -489,10 +487,10 @@ class DPOArguments:
     def __post_init__(self) -> None:
         from rlhf_ds.algo.preference import PREFERENCE_LOSSES
 
-        _check_choice("loss_type", self.loss_type, tuple(PREFERENCE_LOSSES))
-        _check_range("beta", self.beta, low=0, low_open=True)
-        _check_range("label_smoothing", self.label_smoothing, 0, 0.5, high_open=True)
-        _check_range("simpo_gamma", self.simpo_gamma, low=0)
+        check_choice("loss_type", self.loss_type, tuple(PREFERENCE_LOSSES))
+        check_range("beta", self.beta, low=0, low_open=True)
+        check_range("label_smoothing", self.label_smoothing, 0, 0.5, high_open=True)
+        check_range("simpo_gamma", self.simpo_gamma, low=0)
 
 
 # The online trainers' defaults: train_ppo.py (GAE with a critic, KL in the reward) and train_grpo.py.
@@ -503,144 +501,7 @@ GRPO_DEFAULTS: dict[str, Any] = {**PPO_DEFAULTS, "advantage_estimator": "grpo", 
                                  "drop_uniform_groups": True, "temperature": 1.0}
 
 
-def _check_range(flag: str, value: float, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False) -> None:
-    """One line for a number out of its range (NaN and infinities are never in one)."""
-    ok = isinstance(value, (int, float)) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"--{flag} {value}: must be a finite number")
-        bounds = ("(" if low_open else "[") + ("-inf" if low is None else f"{low:g}") + ", " + \
-            ("inf" if high is None else f"{high:g}") + (")" if high_open or high is None else "]")
-        raise UserError(f"--{flag} {value}: must be in {bounds}")
-
-
-def check_finite(obj: Any) -> None:
-    """Every float flag of a group is a finite number (argparse accepts 'nan' and 'inf')."""
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"--{f.name} {value}: must be a finite number")
-
-
-def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UserError(f"--{flag} {value!r}: choose one of {', '.join(choices)}")
-
-
-def _config_file_to_argv(path: str) -> list[str]:
-    """Turn a YAML/JSON file of flag values into `--flag value` pairs."""
-    import yaml
-
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise UserError(f"cannot read config file {path}: {err.strerror}") from None
-    try:
-        values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-    except json.JSONDecodeError as err:
-        raise UserError(f"config file {path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") \
-            from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        raise UserError(f"config file {path}: invalid YAML at {where}{getattr(err, 'problem', None) or err}") \
-            from None
-    if not isinstance(values, dict):
-        raise UserError(f"config file {path} must hold a mapping of flag names to values")
-    argv: list[str] = []
-    for key, value in values.items():
-        if isinstance(value, bool):
-            argv += [f"--{key}", str(value).lower()]
-        elif value is not None:
-            argv += [f"--{key}", str(value)]
-    return argv
-
-
-# Flags that the shared groups give a stage which it has no use for: refused with a hint, never silently ignored.
-UNUSED_FLAGS: dict[str, dict[str, str]] = {
-    "sft": {"keep_ties": "SFT data has no pairs", "max_answers_per_record": "SFT data has no pairs"},
-    "online": {
-        "keep_ties": "prompts have no pairs",
-        "max_answers_per_record": "prompts have no pairs",
-        "gradient_checkpointing": "use --actor_gradient_checkpointing and --critic_gradient_checkpointing",
-        "max_length": "the online trainers use --max_prompt_length and --max_new_tokens",
-        "group_by_length": "prompts are not grouped by length in the online trainers",
-        "plot_loss": "the online trainers' curves are in metrics.jsonl (python -m rlhf_ds.report plots a recipe)",
-    },
-    "eval_rm.py": {
-        "deepspeed": "eval_rm.py builds an inference engine from --zero_stage and --offload",
-        "val_size": "eval_rm.py scores every pair of --dataset",
-        "eval_dataset": "give the file to score as --dataset",
-        "max_eval_samples": "eval_rm.py scores --max_samples records of --dataset",
-    },
-}
 STAGE_GROUPS = (ModelArguments, DataArguments, FinetuningArguments, TrainingArguments, RuntimeArguments)
 ONLINE_GROUPS = (*STAGE_GROUPS, PolicyArguments, OnlineArguments)
 DPO_GROUPS = (*STAGE_GROUPS, PolicyArguments, DPOArguments)
 RM_GROUPS = (*STAGE_GROUPS, RewardArguments)
-
-
-def given_flags(argv: list[str]) -> set[str]:
-    """The flag names written on a command line (--name, --name=value, and --no_name for a boolean)."""
-    names = set()
-    for arg in argv:
-        if arg.startswith("--"):
-            name = arg[2:].split("=", 1)[0]
-            names.add(name)
-            if name.startswith("no_"):
-                names.add(name[3:])
-    return names
-
-
-def parse_args(*groups: type, argv: list[str] | None = None, unused: str | None = None,
-               defaults: dict[str, Any] | None = None) -> tuple[Any, ...]:
-    """Parse argv (default sys.argv[1:]) into one instance of each dataclass in `groups`. `unused` names an entry of
-    UNUSED_FLAGS (flags refused for this stage); `defaults` are this stage's own defaults."""
-    from transformers import HfArgumentParser
-
-    argv = _drop_local_rank(list(sys.argv[1:] if argv is None else argv))
-    if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml", ".json")):
-        argv = _config_file_to_argv(argv[0]) + argv[1:]
-    for flag, hint in UNUSED_FLAGS.get(unused or "", {}).items():
-        if flag in given_flags(argv):
-            raise UserError(f"--{flag} is not used here: {hint}; remove it")
-    parser = HfArgumentParser(groups, allow_abbrev=False)
-    if defaults:
-        parser.set_defaults(**defaults)
-    # argparse's own errors (wrong type, missing value) exit with status 2 and a usage line: clear enough.
-    parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    *values, remaining = parsed
-    if remaining:
-        raise UserError(f"unknown argument(s): {' '.join(remaining)} (see --help)")
-    given = given_flags(argv)
-    for value in values:
-        check_finite(value)  # which flags the user wrote, for checks that depend on other flags
-        value.given = {f.name for f in fields(value)} & given
-    return tuple(values)
-
-
-def _drop_local_rank(argv: list[str]) -> list[str]:
-    """The deepspeed launcher appends --local_rank=N; the same number is in $LOCAL_RANK, which we use."""
-    out: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--local_rank" or arg == "--local-rank":
-            skip = True
-        elif not arg.startswith(("--local_rank=", "--local-rank=")):
-            out.append(arg)
-    return out
-
-
-def to_dict(*objs: Any) -> dict[str, Any]:
-    """All flag values of the given dataclass instances, for saving beside a model."""
-    out: dict[str, Any] = {}
-    for obj in objs:
-        out.update({f.name: getattr(obj, f.name) for f in fields(obj)})
-    return out

@@ -141,7 +141,8 @@ def bench_ppo_worker(stage: int, hybrid: str, steps: int, warmup: int, algo: str
     reward) or GRPO (4 answers per prompt, no critic, no reference: the KL coefficient is 0 as in TRL's default)."""
     from dataclasses import asdict
 
-    from rlhf_ds.args import GRPO_DEFAULTS, ONLINE_GROUPS, PPO_DEFAULTS, parse_args
+    from rlhf_ds.args import GRPO_DEFAULTS, ONLINE_GROUPS, PPO_DEFAULTS
+    from rlhf_ds.flag_parsing import parse_args
     from rlhf_ds.trainers.online.trainer import OnlineTrainer
 
     dist.init_distributed()
@@ -189,7 +190,8 @@ def bench_dpo_worker(stage: int, steps: int, warmup: int, precompute: bool = Tru
     full fine-tuning of the random OPT-style model, DPO's sigmoid loss, the reference a frozen copy. With
     `precompute` the reference's log-probabilities come with the batch (train_dpo.py's default: computed once
     before training, not timed here); without it a reference forward runs every step."""
-    from rlhf_ds.args import DPO_GROUPS, parse_args
+    from rlhf_ds.args import DPO_GROUPS
+    from rlhf_ds.flag_parsing import parse_args
     from rlhf_ds.trainers.dpo import DPOTrainer
 
     dist.init_distributed()

@@ -307,7 +307,7 @@ def _print_summary(out: Path, report: Path, state: dict, seconds: float) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rlhf_ds.args import parse_args
+    from rlhf_ds.flag_parsing import parse_args
 
     (args,) = parse_args(RecipeArguments, argv=argv)
     run_recipe(args)

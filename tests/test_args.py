@@ -3,10 +3,11 @@ and the line; preference data that would crash deep in a library, or silently lo
 import pytest
 
 from conftest import write_json
-from rlhf_ds.args import (DEFAULT_DATASET_DIR, STAGE_GROUPS, DataArguments, FinetuningArguments, OnlineArguments, TrainingArguments,
-                          parse_args)
+from rlhf_ds.args import (DEFAULT_DATASET_DIR, STAGE_GROUPS, DataArguments, FinetuningArguments, OnlineArguments,
+                          TrainingArguments)
 from rlhf_ds.data.loading import DataReport, load_examples, tokenize_preference
 from rlhf_ds.errors import UserError
+from rlhf_ds.flag_parsing import parse_args
 
 
 @pytest.mark.parametrize("group, flag, value, message", [

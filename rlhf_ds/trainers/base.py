@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Iterator
 import torch
 
 from rlhf_ds import dist
-from rlhf_ds.args import to_dict
+from rlhf_ds.flag_parsing import to_dict
 from rlhf_ds.checkpoint import capture_rng, restore_rng
 from rlhf_ds.data.loading import DataReport
 from rlhf_ds.errors import Preempted, UserError

@@ -22,7 +22,8 @@ from rlhf_ds import dist
 from rlhf_ds.algo.core import logprobs_from_logits
 from rlhf_ds.algo.preference import PREFERENCE_LOSSES
 from rlhf_ds.algo.sequence import position_ids_from_mask
-from rlhf_ds.args import DPO_GROUPS, DPOArguments, PolicyArguments, parse_args
+from rlhf_ds.args import DPO_GROUPS, DPOArguments, PolicyArguments
+from rlhf_ds.flag_parsing import parse_args
 from rlhf_ds.data.collate import PreferenceCollator, even_shards
 from rlhf_ds.data.loading import tokenize_preference
 from rlhf_ds.engines.ds_config import EngineSettings, engine_config

@@ -20,7 +20,8 @@ from rlhf_ds import dist
 from rlhf_ds.algo.losses import length_slope, odin_loss, pairwise_loss, weighted_pairwise_loss
 from rlhf_ds.algo.pairs import pair_metrics
 from rlhf_ds.algo.sequence import gather_last
-from rlhf_ds.args import DEFAULT_MAX_LENGTH, RM_GROUPS, DataArguments, RewardArguments, RuntimeArguments, parse_args
+from rlhf_ds.args import DEFAULT_MAX_LENGTH, RM_GROUPS, DataArguments, RewardArguments, RuntimeArguments
+from rlhf_ds.flag_parsing import parse_args
 from rlhf_ds.models.saving import gather_state_dict
 from rlhf_ds.data.collate import PairCollator, even_shards
 from rlhf_ds.data.loading import DataReport, load_examples, tokenize_preference

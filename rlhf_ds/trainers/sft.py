@@ -15,7 +15,8 @@ import torch
 from rlhf_ds import dist
 from rlhf_ds.algo.losses import sft_loss, token_nll
 from rlhf_ds.algo.sequence import position_ids_from_mask
-from rlhf_ds.args import STAGE_GROUPS, parse_args
+from rlhf_ds.args import STAGE_GROUPS
+from rlhf_ds.flag_parsing import parse_args
 from rlhf_ds.models.saving import gather_state_dict, save_causal_lm
 from rlhf_ds.data.collate import SFTCollator, even_shards
 from rlhf_ds.data.loading import tokenize_sft

@@ -20,7 +20,8 @@ import rlhf_ds
 from rlhf_ds import dist
 from rlhf_ds.algo.kl import kl_controller
 from rlhf_ds.algo.shaping import RunningMoments, length_runaway
-from rlhf_ds.args import GRPO_DEFAULTS, ONLINE_GROUPS, PPO_DEFAULTS, OnlineArguments, PolicyArguments, parse_args
+from rlhf_ds.args import GRPO_DEFAULTS, ONLINE_GROUPS, PPO_DEFAULTS, OnlineArguments, PolicyArguments
+from rlhf_ds.flag_parsing import parse_args
 from rlhf_ds.models.saving import gather_state_dict, save_causal_lm
 from rlhf_ds.data.collate import train_sampler
 from rlhf_ds.data.loading import load_examples, split_eval, tokenize_prompts
