@@ -79,25 +79,13 @@ def init_distributed(timeout_s: int = 1800) -> None:
     if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
         c10d.default_pg_nccl_timeout = timeout
     if accel.device_name() == "cpu":
-        _refuse_a_stale_op_build_lock()
+        from rlhf_ds.engines.ds_compat import load_shm_op
+
+        load_shm_op()  # clears a build lock a killed start left, which would make DeepSpeed wait forever
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
     if accel.device_name() != "cpu":
         accel.set_device(local_rank())
     _start_heartbeat()
-
-
-def _refuse_a_stale_op_build_lock() -> None:
-    """DeepSpeed's first start on a CPU builds an op under a lock; one left by a killed start hangs every later
-    start silently (engines/ds_compat.py). Say so and how to clear it instead."""
-    from rlhf_ds.engines.ds_compat import stale_shm_op_build_lock
-    from rlhf_ds.errors import UserError
-
-    stale = stale_shm_op_build_lock()
-    if stale:
-        lock, age = stale
-        raise UserError(f"{lock} is {age / 60:.0f} minutes old: a DeepSpeed op build was killed and left its lock, "
-                        f"and this start would wait for it forever; delete that file (when no other job on this "
-                        f"machine is starting) and run again")
 
 
 # Lost ranks. Every rank bumps a counter in the process group's key-value store every HEARTBEAT_S seconds from a

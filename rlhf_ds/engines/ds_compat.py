@@ -148,25 +148,55 @@ def recorded_write_errors(engine, before_write: Callable[[], None] | None = None
         writer.save = original
 
 
-# DeepSpeed JIT-builds its CPU shared-memory all-reduce op on the first distributed start (deepspeed/comm/torch.py,
-# build_shm_op), under a lock file in torch's extension folder (torch.utils.file_baton.FileBaton). A start killed
-# during that build (a preemption, a timeout, Ctrl-C) leaves the lock behind, and every later start on the machine
-# then waits for it forever without a word. The build takes about a minute on 2 cores; a lock much older than that
-# belongs to nobody.
-SHM_OP_NAME = "deepspeed_shm_comm"
-STALE_BUILD_LOCK_S = 600
+
+# DeepSpeed JIT-builds its CPU shared-memory all-reduce op at the first distributed start (deepspeed/comm/torch.py,
+# build_shm_op) and checks it at every later one, each time under torch's lock file (torch.utils.file_baton: a file
+# made with O_EXCL, no owner recorded, waited on without a timeout). A start killed in that window (a preemption, a
+# timeout, a node failure) leaves the file behind, and every later start on the machine then waits forever without a
+# word. rlhf_ds loads the op itself first, under a kernel lock (flock) that dies with its holder: while we hold it, no
+# rlhf_ds process is building, so a torch lock file found then was left by a killed start (or belongs to another
+# program's build, which gets BUILD_LOCK_GRACE_S to finish). DeepSpeed's own call then finds the op loaded.
+SHM_OP_BUILDER = "ShareMemCommBuilder"
+BUILD_LOCK_GRACE_S = 60.0
 
 
-def stale_shm_op_build_lock() -> tuple[Path, float] | None:
-    """(lock file, its age in seconds) when DeepSpeed's shm op build lock has been left behind, else None
-    (rlhf_ds/dist.py checks it before the first DeepSpeed start; tests/test_dist.py)."""
+def guarded_op_build(build_dir: Path, load: Callable[[], object], grace_s: float = BUILD_LOCK_GRACE_S) -> object:
+    """Run `load` (which may take torch's lock file in build_dir) under a flock, clearing a lock file left by a killed
+    build first. tests/test_faults.py drives it with a stand-in loader; dist.init_distributed with DeepSpeed's."""
+    import fcntl
+    import logging
     import time
 
+    build_dir.mkdir(parents=True, exist_ok=True)
+    torch_lock = build_dir / "lock"
+    with open(build_dir / "rlhf_ds_build.flock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another rlhf_ds start is building: wait for it (freed if it dies)
+        waited = False
+        while torch_lock.exists():
+            try:
+                age = time.time() - torch_lock.stat().st_mtime
+            except FileNotFoundError:
+                break
+            if age >= grace_s:
+                torch_lock.unlink(missing_ok=True)
+                logging.getLogger("rlhf_ds").warning(
+                    "removed %s: a DeepSpeed op build killed %.0f s ago had left it, and DeepSpeed would have waited "
+                    "for it forever", torch_lock, age)
+                break
+            if not waited:
+                logging.getLogger("rlhf_ds").info("waiting for another program's DeepSpeed op build (%s)", torch_lock)
+                waited = True
+            time.sleep(0.5)
+        return load()
+
+
+def load_shm_op() -> None:
+    """Load DeepSpeed's CPU shared-memory all-reduce op the safe way (above), before DeepSpeed's start asks for it."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
     from torch.utils.cpp_extension import _get_build_directory
 
-    try:
-        lock = Path(_get_build_directory(SHM_OP_NAME, verbose=False)) / "lock"
-        age = time.time() - lock.stat().st_mtime
-    except OSError:
-        return None
-    return (lock, age) if age > STALE_BUILD_LOCK_S else None
+    builder = get_accelerator().create_op_builder(SHM_OP_BUILDER)
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return  # DeepSpeed will not build it either: gloo all the way
+    guarded_op_build(Path(_get_build_directory(builder.NAME, verbose=False)), lambda: builder.load(verbose=False))
