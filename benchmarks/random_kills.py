@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", help="a model folder (default: a tiny Llama built here)")
     args = parser.parse_args()
+    from rlhf_ds.benchmarks import machine
     from rlhf_ds.dist import free_port
     from rlhf_ds.models import tiny
 
@@ -138,7 +139,9 @@ def main() -> None:
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     print(json.dumps({"bench": "random_kills", "run": "2-process PPO, ZeRO-3 LoRA actor, ZeRO-2 critic, "
                                                        "a checkpoint every step, 5 steps",
-                      "uninterrupted_run_s": round(duration, 1), "trials": len(results),
+                      "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                               capture_output=True, text=True).stdout.strip(),
+                      **machine(), "uninterrupted_run_s": round(duration, 1), "trials": len(results),
                       "kills": sum(len(r["killed_at_s"]) for r in results),
                       "trials_that_lost_anything": sum(bool(r["lost"]) for r in results), "results": results}))
 
