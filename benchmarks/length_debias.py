@@ -50,9 +50,10 @@ def train_rm(args, method: str, out: Path) -> dict:
                        "--disable_tqdm", "--seed", str(args.seed), "--output_dir", str(target),
                        "--length_debias", method], out / f"rm-{method}.log")
         (target / "wall_seconds.txt").write_text(f"{seconds:.1f}\n")
+        (target / "commit.txt").write_text(args.commit + "\n")
     results = json.loads((target / "eval_results.json").read_text())
     precision = json.loads((target / "training_args.json").read_text()).get("precision")
-    return {"run": "rm", "method": method, "minutes": round(float((target / "wall_seconds.txt").read_text()) / 60, 2),
+    return {"run": "rm", "method": method, **made_at(target), "minutes": round(float((target / "wall_seconds.txt").read_text()) / 60, 2),
             "precision": precision, **{k: results.get(k) for k in PAIR_FIGURES},
             "chosen_shorter_pairs": results.get("eval_chosen_shorter_pairs"), "pairs": results.get("eval_samples")}
 
@@ -70,14 +71,45 @@ def train_ppo(args, method: str, out: Path) -> dict:
                        "--save_steps", "0", "--logging_steps", "1", "--disable_tqdm", "--seed", str(args.seed)],
                       out / f"ppo-{method}.log")
         (target / "wall_seconds.txt").write_text(f"{seconds:.1f}\n")
+        (target / "commit.txt").write_text(args.commit + "\n")
     evals = [json.loads(x) for x in (target / "eval_results.jsonl").read_text().splitlines() if x.strip()]
     first, last = evals[0], evals[-1]
-    return {"run": "ppo", "against": method, "steps": args.ppo_steps, "prompts": last["eval_samples"],
+    return {"run": "ppo", "against": method, **made_at(target), "steps": args.ppo_steps, "prompts": last["eval_samples"],
             "minutes": round(float((target / "wall_seconds.txt").read_text()) / 60, 2),
             "win_rate_before": first["eval_win_rate"], "win_rate_after": last["eval_win_rate"],
             "length_before": first["eval_response_length"], "length_after": last["eval_response_length"],
             "length_change": (last["eval_response_length"] - first["eval_response_length"])
             / max(first["eval_response_length"], 1e-9), "kl_after": last.get("eval_kl")}
+
+
+def made_at(target: Path) -> dict:
+    """The commit a reused run was made at (runs are skipped when their folder already holds a result)."""
+    stamp = target / "commit.txt"
+    return {"commit": stamp.read_text().strip()} if stamp.is_file() else {}
+
+
+def cross_judge(args, out: Path, against: list[str]) -> list[dict]:
+    """The SFT policy and each PPO policy answer the same prompts greedily, scored by each reward model in turn
+    (rlhf_ds.judge): a PPO run's own eval is judged by the RM it optimised, so the two runs' win rates are read
+    by different judges; here every policy faces both."""
+    rows = []
+    policies = [f"sft={args.ppo_sft}"] + [
+        f"ppo_{m}={out / f'ppo-{m}' / 'actor_merged' if (out / f'ppo-{m}' / 'actor_merged').is_dir() else out / f'ppo-{m}'}"
+        for m in against]
+    for judge_rm in against:
+        result = out / f"judge-by-{judge_rm}.json"
+        if not result.is_file():
+            run([sys.executable, "-m", "rlhf_ds.judge", *[x for p in policies for x in ("--policy", p)],
+                 "--reward_model", str(out / f"rm-{judge_rm}"), "--dataset", args.judge_dataset,
+                 "--max_samples", str(args.judge_prompts), "--max_new_tokens", str(args.max_new_tokens), "--bf16",
+                 "--output_file", str(result)], out / f"judge-by-{judge_rm}.log")
+        judged = json.loads(result.read_text())
+        for name, r in judged["policies"].items():
+            rows.append({"run": "judge", "judge_rm": judge_rm, "policy": name, "prompts": judged["prompts"],
+                         "mean_reward": r["mean_reward"], "mean_length": r["mean_length"],
+                         "win_rate_vs_sft": r.get("win_rate_vs_first"),
+                         "length_change_vs_sft": r.get("length_change_vs_first")})
+    return rows
 
 
 def pick_best(rows: list[dict]) -> str:
@@ -110,17 +142,25 @@ def main() -> None:
     p.add_argument("--ppo_steps", type=int, default=8)
     p.add_argument("--ppo_eval_prompts", type=int, default=16)
     p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--judge_dataset", default="",
+                   help="prompts PPO never trained on, answered by the SFT and PPO policies and scored by each RM "
+                        "(e.g. the recipe's OUT/data/sft.json); none when empty")
+    p.add_argument("--judge_prompts", type=int, default=16)
     p.add_argument("--seed", type=int, default=42)
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=REPO).stdout.strip()
+    args.commit = commit
     machine = {"commit": commit, "cpu": cpu_description().get("model"), "model": args.model}
     rows = [train_rm(args, m, out) for m in args.methods.split(",")]
     if args.ppo_sft:
         against = [pick_best(rows) if m == "best" else m for m in args.ppo_against.split(",")]
-        rows += [train_ppo(args, m, out) for m in dict.fromkeys(against)]
+        against = list(dict.fromkeys(against))
+        rows += [train_ppo(args, m, out) for m in against]
+        if args.judge_dataset:
+            rows += cross_judge(args, out, against)
     with open(out / "results.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps({**machine, **row}) + "\n")
@@ -137,6 +177,15 @@ def main() -> None:
                 print(f"| {r['against']} | {r['win_rate_before']:.3f} -> {r['win_rate_after']:.3f} | "
                       f"{r['length_before']:.1f} -> {r['length_after']:.1f} ({r['length_change']:+.0%}) | "
                       f"{r['kl_after']:.3f} | {r['minutes']} |")
+    if any(r["run"] == "judge" for r in rows):
+        print("\n| judged by RM | policy | mean reward | win rate vs SFT | mean length (vs SFT) |\n"
+              "| --- | --- | --- | --- | --- |")
+        for r in rows:
+            if r["run"] == "judge":
+                win = "" if r["win_rate_vs_sft"] is None else f"{r['win_rate_vs_sft']:.3f}"
+                change = "" if r["length_change_vs_sft"] is None else f" ({r['length_change_vs_sft']:+.0%})"
+                print(f"| {r['judge_rm']} | {r['policy']} | {r['mean_reward']:.3f} | {win} | "
+                      f"{r['mean_length']:.1f}{change} |")
 
 
 if __name__ == "__main__":

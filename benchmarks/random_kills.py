@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,6 +138,7 @@ def main() -> None:
         lost = same(straight, out)
         results.append({"trial": trial, "killed_at_s": moments, "lost": lost})
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    shutil.rmtree(root)  # the runs this made (a temporary folder of its own)
     print(json.dumps({"bench": "random_kills", "run": "2-process PPO, ZeRO-3 LoRA actor, ZeRO-2 critic, "
                                                        "a checkpoint every step, 5 steps",
                       "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],

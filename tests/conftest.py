@@ -147,3 +147,21 @@ def rm_straight(tiny_llama, artifacts) -> Path:
     straight = artifacts / "rm-straight"
     check_ok(run_cli("train_rm.py", *rm_args(tiny_llama, straight)))
     return straight
+
+
+@pytest.fixture(scope="session")
+def rm_killed(tiny_llama, artifacts) -> Path:
+    """The same reward-model run SIGKILLed as step 5 begins (its last checkpoint: step-4), made once; tests take a copy
+    (copy_run) to resume, tamper with or refuse."""
+    from test_resume import rm_args
+
+    killed = artifacts / "rm-killed"
+    proc = run_cli("train_rm.py", *rm_args(tiny_llama, killed), env={"RLHF_DS_DIE_AT": "step:5"})
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    return killed
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run, to, symlinks=True))

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 
-from conftest import REPO, check_ok, read_jsonl, run_cli
+from conftest import REPO, check_ok, copy_run, read_jsonl, run_cli
 from rlhf_ds.checkpoint import MANIFEST, latest_checkpoint
 from test_resume import COMPARED, assert_same_run, ppo_args, rm_args
 
@@ -30,9 +30,8 @@ def test_a_requeued_job_with_overwrite_output_dir_resumes_instead_of_deleting_it
     assert_same_run(straight, out, COMPARED["rm"], ["adapter_model.safetensors", "value_head.safetensors"])
 
 
-def test_a_tampered_checkpoint_is_refused_and_runs_no_code(tiny_llama, tmp_path):
-    out = tmp_path / "run"
-    assert run_cli("train_rm.py", *rm_args(tiny_llama, out), env={"RLHF_DS_DIE_AT": "step:5"}).returncode < 0
+def test_a_tampered_checkpoint_is_refused_and_runs_no_code(tiny_llama, rm_killed, tmp_path):
+    out = copy_run(rm_killed, tmp_path / "run")
     step = latest_checkpoint(out)
     canary = tmp_path / "pwned"
 

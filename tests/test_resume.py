@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, check_ok, read_jsonl, run_cli
+from conftest import REPO, check_ok, copy_run, read_jsonl, run_cli
 from rlhf_ds.checkpoint import latest_checkpoint
 from rlhf_ds.dist import free_port
 
@@ -54,10 +54,8 @@ def assert_same_run(a, b, keys, weights):
             torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0)
 
 
-def test_reward_model_killed_after_a_step_resumes_exactly(tiny_llama, rm_straight, tmp_path):
-    straight, killed = rm_straight, tmp_path / "killed"
-    proc = run_cli("train_rm.py", *rm_args(tiny_llama, killed), env={"RLHF_DS_DIE_AT": "step:5"})
-    assert proc.returncode == -signal.SIGKILL
+def test_reward_model_killed_after_a_step_resumes_exactly(tiny_llama, rm_straight, rm_killed, tmp_path):
+    straight, killed = rm_straight, copy_run(rm_killed, tmp_path / "killed")
     assert latest_checkpoint(killed).name == "step-4" and not (killed / "value_head.json").exists()
     again = check_ok(run_cli("train_rm.py", *rm_args(tiny_llama, killed)))
     assert "resuming from" in again.stdout and "step 4 of 8" in again.stdout
@@ -170,10 +168,8 @@ def test_sigterm_saves_a_checkpoint_and_stops_every_rank(target, tiny_llama, tmp
 
 
 @pytest.mark.parametrize("change", ["model", "zero_stage", "world_size"])
-def test_incompatible_resumption_is_refused_with_what_differs(change, tiny_llama, tiny_gpt2, tmp_path):
-    out = tmp_path / "run"
-    run_cli("train_rm.py", *rm_args(tiny_llama, out), env={"RLHF_DS_DIE_AT": "step:3"})
-    assert latest_checkpoint(out) is not None
+def test_incompatible_resumption_is_refused_with_what_differs(change, tiny_llama, tiny_gpt2, rm_killed, tmp_path):
+    out = copy_run(rm_killed, tmp_path / "run")
     if change == "model":
         proc = run_cli("train_rm.py", *rm_args(tiny_gpt2, out))
         expected = "model: checkpoint"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import check_ok, read_jsonl, run_cli, write_json, zero3_test_config
+from conftest import check_ok, copy_run, read_jsonl, run_cli, write_json, zero3_test_config
 
 
 def test_reward_model_learns_on_shipped_english_pairs(tiny_llama, tmp_path):
@@ -120,11 +120,12 @@ def test_bad_input_is_one_clear_line_and_nothing_is_left_that_looks_finished(tin
     assert not (out / "value_head.json").exists()
 
 
-def test_refuses_to_overwrite_a_finished_run(tiny_llama, tmp_path):
-    out = tmp_path / "out"
-    args = ["--model_name_or_path", str(tiny_llama), "--do_train", "--dataset", "comparison_gpt4_en", "--max_samples",
-            "16", "--output_dir", str(out), "--per_device_train_batch_size", "4", "--max_steps", "1", "--disable_tqdm"]
-    check_ok(run_cli("train_rm.py", *args))
+def test_refuses_to_overwrite_a_finished_run(tiny_llama, rm_straight, tmp_path):
+    from test_resume import rm_args
+
+    out = copy_run(rm_straight, tmp_path / "out")
+    args = rm_args(tiny_llama, out)
+    args[args.index("--max_steps") + 1] = "1"
     proc = run_cli("train_rm.py", *args)
     assert proc.returncode == 2 and "--overwrite_output_dir" in proc.stderr
     check_ok(run_cli("train_rm.py", *args, "--overwrite_output_dir"))
