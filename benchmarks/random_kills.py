@@ -123,18 +123,25 @@ def main() -> None:
     straight = root / "straight"
     t0 = time.time()
     run(command(model, straight, free_port()))
-    duration = time.time() - t0
+    duration = straight_s = time.time() - t0
     results = []
     for trial in range(args.trials):
         out = root / f"trial-{trial}"
-        kills, moments = 0, []
-        moment = rng.uniform(1.0, duration)  # anywhere in a run: set-up, a step, a save
-        while run(command(model, out, free_port()), kill_after=moment) == -9:
+        while True:  # the first kill, anywhere in a run: set-up, a step, a save
+            moment, t0 = rng.uniform(1.0, duration), time.time()
+            if run(command(model, out, free_port()), kill_after=moment) == -9:
+                break
+            # it finished before the kill (runs after the first are faster: caches are warm): draw again within
+            # this run's length, from scratch
+            duration = time.time() - t0
+            shutil.rmtree(out)
+        kills, moments = 1, [round(moment, 1)]
+        while not (out / "train_results.json").is_file():  # not killed after it had finished, before it exited
+            moment = None if kills >= 2 else rng.uniform(1.0, duration)  # at most two kills, then run to the end
+            if run(command(model, out, free_port()), kill_after=moment) != -9:
+                break
             kills += 1
             moments.append(round(moment, 1))
-            if (out / "train_results.json").is_file():  # killed after it had finished, before it exited
-                break
-            moment = None if kills >= 2 else rng.uniform(1.0, duration)  # at most two kills, then run to the end
         lost = same(straight, out)
         results.append({"trial": trial, "killed_at_s": moments, "lost": lost})
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
@@ -143,7 +150,7 @@ def main() -> None:
                                                        "a checkpoint every step, 5 steps",
                       "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                                                capture_output=True, text=True).stdout.strip(),
-                      **machine(), "uninterrupted_run_s": round(duration, 1), "trials": len(results),
+                      **machine(), "uninterrupted_run_s": round(straight_s, 1), "trials": len(results),
                       "kills": sum(len(r["killed_at_s"]) for r in results),
                       "trials_that_lost_anything": sum(bool(r["lost"]) for r in results), "results": results}))
 
