@@ -99,7 +99,7 @@ def cross_judge(args, out: Path, against: list[str]) -> list[dict]:
     for judge_rm in against:
         result = out / f"judge-by-{judge_rm}.json"
         if not result.is_file():
-            run([sys.executable, "-m", "rlhf_ds.judge", *[x for p in policies for x in ("--policy", p)],
+            run([sys.executable, "-m", "rlhf_ds.cli", "judge", *[x for p in policies for x in ("--policy", p)],
                  "--reward_model", str(out / f"rm-{judge_rm}"), "--dataset", args.judge_dataset,
                  "--max_samples", str(args.judge_prompts), "--max_new_tokens", str(args.max_new_tokens), "--bf16",
                  "--output_file", str(result)], out / f"judge-by-{judge_rm}.log")

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 
-from conftest import REPO, check_ok, copy_run, read_jsonl, run_cli
+from conftest import REPO, check_ok, copy_run, read_jsonl, run_cli, run_tree
 from rlhf_ds.checkpoint import MANIFEST, latest_checkpoint
 from test_resume import COMPARED, assert_same_run, ppo_args, rm_args
 
@@ -107,8 +107,8 @@ def test_a_stop_during_set_up_exits_for_a_requeue_and_one_mid_step_saves_the_las
 
 
 def test_a_run_killed_at_a_random_moment_ends_as_an_uninterrupted_one():
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "random_kills.py"), "--trials", "1",
-                           "--seed", "3"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    proc = run_tree([sys.executable, str(REPO / "benchmarks" / "random_kills.py"), "--trials", "1", "--seed", "3"],
+                    timeout=600, cwd=REPO)
     check_ok(proc)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["trials"] == 1 and result["kills"] >= 1 and result["trials_that_lost_anything"] == 0, result
