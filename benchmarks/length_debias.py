@@ -36,6 +36,12 @@ def run(cmd: list[str], log: Path) -> float:
     return time.time() - t0
 
 
+def debias_flags(method: str) -> list[str]:
+    """`length_negatives@1.0` is --length_debias length_negatives with --negatives_share 1.0 (default 0.5)."""
+    name, _, share = method.partition("@")
+    return ["--length_debias", name, *(["--negatives_share", share] if share else [])]
+
+
 def train_rm(args, method: str, out: Path) -> dict:
     target = out / f"rm-{method}"
     if not (target / "value_head.json").is_file():
@@ -48,7 +54,7 @@ def train_rm(args, method: str, out: Path) -> dict:
                        "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.05", "--num_train_epochs", "1",
                        "--max_length", str(args.max_length), "--bf16", "--save_steps", "0", "--logging_steps", "4",
                        "--disable_tqdm", "--seed", str(args.seed), "--output_dir", str(target),
-                       "--length_debias", method], out / f"rm-{method}.log")
+                       *debias_flags(method)], out / f"rm-{method}.log")
         (target / "wall_seconds.txt").write_text(f"{seconds:.1f}\n")
         (target / "commit.txt").write_text(args.commit + "\n")
     results = json.loads((target / "eval_results.json").read_text())
@@ -130,7 +136,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="output/length_debias")
     p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
-    p.add_argument("--methods", default="none,odin,balanced,regress,length_negatives")
+    p.add_argument("--methods", default="none,odin,balanced,regress,length_negatives",
+                   help="--length_debias values; length_negatives@SHARE also sets --negatives_share")
     p.add_argument("--pairs", type=int, default=64, help="training pairs from each language's _train file")
     p.add_argument("--eval_pairs", type=int, default=448,
                    help="held-out pairs to score (the file's first N: all 178 English ones come first)")
