@@ -19,6 +19,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # DeepSpeed's CPU op builds go to a folder of this checkout, not the user's ~/.cache: another clone's build (other
 # paths, so a rebuild) or a lock left there by a killed build cannot make the suite wait.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+# The environment's own tools first, as an activated venv has them (and as .ci/run runs): DeepSpeed's op build calls
+# `ninja` from PATH, and a system ninja of another version beside the venv's would rebuild the op (25 s) each time a
+# test's PATH picked the other one.
+if os.environ.get("PATH", "").split(os.pathsep)[0] != str(Path(sys.executable).parent):
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 from rlhf_ds.models import tiny  # noqa: E402
 
