@@ -174,9 +174,9 @@ def test_each_length_debias_method_trains_and_its_saved_scores_are_read_as_train
         assert "chosen shorter" in {k for k, _, _ in kinds}  # each kind weighs the same in total
         assert all(int(n) * float(w) == pytest.approx(64 / len(kinds), rel=0.02) for _, n, w in kinds)
     else:
-        made = re.search(r"length_negatives: 32 padded pairs added to 64 training pairs \(made from the (\d+) ", log)
+        made = re.search(r"length_negatives: 64 padded pairs added to 64 training pairs \(made from the (\d+) ", log)
         assert made and int(made.group(1)) > 0
-        assert len(rows) == 96 // 4  # none was cut back to its chosen answer by --max_length and dropped
+        assert len(rows) == 128 // 4  # none was cut back to its chosen answer by --max_length and dropped
     if mode in ("balanced", "length_negatives"):
         return  # these change the training data, not how a saved model scores
     scored = tmp_path / "scored.json"
