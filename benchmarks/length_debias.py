@@ -37,7 +37,7 @@ def run(cmd: list[str], log: Path) -> float:
 
 
 def debias_flags(method: str) -> list[str]:
-    """`length_negatives@1.0` is --length_debias length_negatives with --negatives_share 1.0 (default 0.5)."""
+    """`length_negatives@0.5` is --length_debias length_negatives with --negatives_share 0.5 (else its default)."""
     name, _, share = method.partition("@")
     return ["--length_debias", name, *(["--negatives_share", share] if share else [])]
 
@@ -55,12 +55,10 @@ def train_rm(args, method: str, out: Path) -> dict:
                        "--max_length", str(args.max_length), "--bf16", "--save_steps", "0", "--logging_steps", "4",
                        "--disable_tqdm", "--seed", str(args.seed), "--output_dir", str(target),
                        *debias_flags(method)], out / f"rm-{method}.log")
-        (target / "wall_seconds.txt").write_text(f"{seconds:.1f}\n")
-        (target / "commit.txt").write_text(args.commit + "\n")
+        stamp(target, seconds, args.commit)
     results = json.loads((target / "eval_results.json").read_text())
     precision = json.loads((target / "training_args.json").read_text()).get("precision")
-    return {"run": "rm", "method": method, **made_at(target), "minutes": round(float((target / "wall_seconds.txt").read_text()) / 60, 2),
-            "precision": precision, **{k: results.get(k) for k in PAIR_FIGURES},
+    return {"run": "rm", "method": method, **made(target), "precision": precision, **{k: results.get(k) for k in PAIR_FIGURES},
             "chosen_shorter_pairs": results.get("eval_chosen_shorter_pairs"), "pairs": results.get("eval_samples")}
 
 
@@ -76,22 +74,27 @@ def train_ppo(args, method: str, out: Path) -> dict:
                        "--val_size", str(args.ppo_eval_prompts), "--eval_steps", str(args.ppo_steps),
                        "--save_steps", "0", "--logging_steps", "1", "--disable_tqdm", "--seed", str(args.seed)],
                       out / f"ppo-{method}.log")
-        (target / "wall_seconds.txt").write_text(f"{seconds:.1f}\n")
-        (target / "commit.txt").write_text(args.commit + "\n")
+        stamp(target, seconds, args.commit)
     evals = [json.loads(x) for x in (target / "eval_results.jsonl").read_text().splitlines() if x.strip()]
     first, last = evals[0], evals[-1]
-    return {"run": "ppo", "against": method, **made_at(target), "steps": args.ppo_steps, "prompts": last["eval_samples"],
-            "minutes": round(float((target / "wall_seconds.txt").read_text()) / 60, 2),
+    return {"run": "ppo", "against": method, **made(target), "steps": args.ppo_steps, "prompts": last["eval_samples"],
             "win_rate_before": first["eval_win_rate"], "win_rate_after": last["eval_win_rate"],
             "length_before": first["eval_response_length"], "length_after": last["eval_response_length"],
             "length_change": (last["eval_response_length"] - first["eval_response_length"])
             / max(first["eval_response_length"], 1e-9), "kl_after": last.get("eval_kl")}
 
 
-def made_at(target: Path) -> dict:
-    """The commit a reused run was made at (runs are skipped when their folder already holds a result)."""
-    stamp = target / "commit.txt"
-    return {"commit": stamp.read_text().strip()} if stamp.is_file() else {}
+def stamp(target: Path, seconds: float, commit: str) -> None:
+    """What made() reads back: a run's wall time and the commit it ran at (runs whose folder already holds a result
+    are reused, not run again)."""
+    (target / "wall_seconds.txt").write_text(f"{seconds:.1f}\n")
+    (target / "commit.txt").write_text(commit + "\n")
+
+
+def made(target: Path) -> dict:
+    commit = target / "commit.txt"
+    return {**({"commit": commit.read_text().strip()} if commit.is_file() else {}),
+            "minutes": round(float((target / "wall_seconds.txt").read_text()) / 60, 2)}
 
 
 def cross_judge(args, out: Path, against: list[str]) -> list[dict]:
@@ -99,9 +102,7 @@ def cross_judge(args, out: Path, against: list[str]) -> list[dict]:
     (rlhf_ds.judge): a PPO run's own eval is judged by the RM it optimised, so the two runs' win rates are read
     by different judges; here every policy faces both."""
     rows = []
-    policies = [f"sft={args.ppo_sft}"] + [
-        f"ppo_{m}={out / f'ppo-{m}' / 'actor_merged' if (out / f'ppo-{m}' / 'actor_merged').is_dir() else out / f'ppo-{m}'}"
-        for m in against]
+    policies = [f"sft={args.ppo_sft}"] + [f"ppo_{m}={out / f'ppo-{m}' / 'actor_merged'}" for m in against]
     for judge_rm in against:
         result = out / f"judge-by-{judge_rm}.json"
         if not result.is_file():

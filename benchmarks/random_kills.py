@@ -13,7 +13,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -38,23 +37,6 @@ def command(model: Path, out: Path, port: int) -> list[str]:
             "--disable_tqdm", "--target_kl", "1", "--kl_horizon", "100"]
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def run(cmd: list[str], kill_after: float | None = None) -> int:
     """Run to the end (returns the exit code) or SIGKILL the launcher and every rank after kill_after seconds."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
@@ -66,10 +48,13 @@ def run(cmd: list[str], kill_after: float | None = None) -> int:
     except subprocess.TimeoutExpired:
         # torchrun starts each rank in a session of its own (torch 2.x), so killing the launcher's process group
         # would leave the ranks running: kill the whole tree, as a node failure would
-        for pid in [proc.pid, *descendants(proc.pid)]:
+        import psutil
+
+        launcher = psutil.Process(proc.pid)
+        for p in [launcher, *launcher.children(recursive=True)]:
             try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+                p.kill()
+            except psutil.NoSuchProcess:
                 pass
         proc.wait()
         # a killed rank cannot unlink DeepSpeed's shared-memory all-reduce segment (67 MB each): do it for it

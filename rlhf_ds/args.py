@@ -1,7 +1,7 @@
 """Every command-line flag, defined once as dataclass fields and shared by the stages.
 
-A stage parses the groups it needs with `parse_args(Groups..., argv=...)`. The first argument may be a YAML or
-JSON file of flag values; flags given after it override the file (`train_rm.py my.yaml --learning_rate 1e-4`).
+Each group checks its own values; a stage parses the groups it needs with `flag_parsing.parse_args(Groups...,
+argv=...)`, where the first argument may be a YAML or JSON file of flag values that later flags override.
 """
 from __future__ import annotations
 

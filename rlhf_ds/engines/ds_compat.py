@@ -148,7 +148,6 @@ def recorded_write_errors(engine, before_write: Callable[[], None] | None = None
         writer.save = original
 
 
-
 # DeepSpeed JIT-builds its CPU shared-memory all-reduce op at the first distributed start (deepspeed/comm/torch.py,
 # build_shm_op) and checks it at every later one, each time under torch's lock file (torch.utils.file_baton: a file
 # made with O_EXCL, no owner recorded, waited on without a timeout). A start killed in that window (a preemption, a
