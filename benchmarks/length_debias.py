@@ -58,8 +58,13 @@ def train_rm(args, method: str, out: Path) -> dict:
         stamp(target, seconds, args.commit)
     results = json.loads((target / "eval_results.json").read_text())
     precision = json.loads((target / "training_args.json").read_text()).get("precision")
-    return {"run": "rm", "method": method, **made(target), "precision": precision, **{k: results.get(k) for k in PAIR_FIGURES},
-            "chosen_shorter_pairs": results.get("eval_chosen_shorter_pairs"), "pairs": results.get("eval_samples")}
+    row = {"run": "rm", "method": method, **made(target), "precision": precision,
+           **{k: results.get(k) for k in PAIR_FIGURES},
+           "chosen_shorter_pairs": results.get("eval_chosen_shorter_pairs"), "pairs": results.get("eval_samples")}
+    if "eval_before_regress_accuracy" in results:  # the same model without the length correction
+        row["before_regress"] = {k: results.get(k.replace("eval_", "eval_before_regress_", 1)) for k in PAIR_FIGURES
+                                 if k != "eval_length_baseline_accuracy"}
+    return row
 
 
 def train_ppo(args, method: str, out: Path) -> dict:
@@ -177,6 +182,10 @@ def main() -> None:
     for r in rows:
         if r["run"] == "rm":
             print(f"| {r['method']} | " + " | ".join(f"{r[k]:.3f}" for k in PAIR_FIGURES) + f" | {r['minutes']} |")
+            if "before_regress" in r:
+                before = {**r["before_regress"], "eval_length_baseline_accuracy": r["eval_length_baseline_accuracy"]}
+                print(f"| {r['method']}, the same model before its correction | "
+                      + " | ".join(f"{before[k]:.3f}" for k in PAIR_FIGURES) + " | |")
     if args.ppo_sft:
         print("\n| PPO against | win rate before -> after | length before -> after (change) | KL | minutes |\n"
               "| --- | --- | --- | --- | --- |")

@@ -51,12 +51,16 @@ def main() -> None:
         raise SystemExit("no 'saved checkpoint' line in the run's output")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=REPO).stdout.strip()
-    print(json.dumps({"bench": "save_time", "commit": commit, **machine(), "model": model,
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("kind") == "train"]
+    print(json.dumps({"bench": "save_time", "commit": commit, "command": " ".join(["python", *sys.argv]),
+                      **machine(), "model": model,
                       "run": "recipe PPO stage: LoRA actor and critic, frozen reference and reward model, default ZeRO stages, "
                              "one process", "precision": json.loads((out / "training_args.json").read_text())
                       .get("precision"), "median_save_s": statistics.median(s["seconds"] for s in saves),
                       "max_save_s": max(s["seconds"] for s in saves), "checkpoint_mb": saves[-1]["mb"],
-                      "run_minutes": round((time.time() - t0) / 60, 2), "saves": saves}))
+                      "run_minutes": round((time.time() - t0) / 60, 2), "saves": saves,
+                      "steps": [{k: r.get(k) for k in ("step", "time_generation", "time_experience", "time_training")}
+                                for r in steps]}))
 
 
 if __name__ == "__main__":

@@ -239,6 +239,20 @@ class RuntimeArguments:
 LENGTH_DEBIAS = ("none", "odin", "balanced", "regress", "length_negatives")
 
 
+def length_debias_parts(value: str) -> set[str]:
+    """--length_debias as the set of methods it names: `regress` may be joined to another with `+`."""
+    return set(value.split("+"))
+
+
+def check_length_debias(value: str) -> None:
+    parts = value.split("+")
+    for part in parts:
+        check_choice("length_debias", part, LENGTH_DEBIAS)
+    if len(parts) > 1 and (len(parts) != 2 or parts[1] != "regress" or parts[0] in ("none", "regress")):
+        raise UserError(f"--length_debias {value!r}: only regress composes, after one other method "
+                        f"(e.g. length_negatives+regress)")
+
+
 @dataclass
 class RewardArguments:
     """How the reward-model stage keeps answer length from doing the judging (docs/reward-length.md)."""
@@ -247,7 +261,9 @@ class RewardArguments:
         "help": "none; odin (a second head absorbs length, decorrelated from the reward PPO reads); balanced (pairs "
                 "weighted so that chosen-shorter and chosen-longer pairs count alike); regress (the part of the "
                 "score that answer length predicts is taken off, stored with the model); length_negatives (good "
-                "answers padded with repeated or unrelated text added as rejected answers)."})
+                "answers padded with repeated or unrelated text added as rejected answers). regress composes with "
+                "another method: length_negatives+regress trains with padded pairs, then takes off what length "
+                "still predicts."})
     odin_coef: float = field(default=1.0, metadata={"help": "odin: the weight of the correlation and "
                                                             "orthogonality terms."})
     negatives_share: float = field(default=1.0, metadata={"help": "length_negatives: padded pairs added, as a "
@@ -255,7 +271,7 @@ class RewardArguments:
                                                                   "of 0.5 and 1.0: docs/length-bias.md)."})
 
     def __post_init__(self) -> None:
-        check_choice("length_debias", self.length_debias, LENGTH_DEBIAS)
+        check_length_debias(self.length_debias)
         check_range("odin_coef", self.odin_coef, low=0)
         check_range("negatives_share", self.negatives_share, 0, 1)
 

@@ -11,6 +11,7 @@ prompts (and the judge its held-out prompts) from the other part.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shlex
@@ -256,13 +257,34 @@ def run_recipe(args: RecipeArguments) -> Path:
         minutes[name] = round(seconds / 60, 2)
         peaks[name] = round(peak, 2)
         state.update(algo=args.algo, model=args.model, launcher=args.launcher, profile=args.profile, minutes=minutes,
-                     peak_memory_gib=peaks, arguments=asdict(args))
+                     peak_memory_gib=peaks, arguments=asdict(args), **where_measured())
         state_file.write_text(json.dumps(state, indent=2))
     state["wall_minutes"] = round(sum(minutes.values()), 2)
     state_file.write_text(json.dumps(state, indent=2))
     report = build_report(out, state)
     _print_summary(out, report, state, time.time() - t0)
     return report
+
+
+def where_measured() -> dict[str, str]:
+    """The commit (when rlhf_ds runs from a git checkout) and the processor, so the minutes in recipe.json are
+    never read without the machine and the code that made them."""
+    where = {}
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10)
+        if commit.returncode == 0:
+            where["commit"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        if names:
+            where["cpu"] = f"{names[0]} ({len(names)} cores)"
+    except OSError:
+        pass
+    return where
 
 
 def _print_summary(out: Path, report: Path, state: dict, seconds: float) -> None:
@@ -278,9 +300,11 @@ def _print_summary(out: Path, report: Path, state: dict, seconds: float) -> None
     for name in ("rm", "dpo"):
         if name in PATHS[algo]:
             ev = _json(out / name / "eval_results.json")
+            shorter = ev.get("eval_accuracy_chosen_shorter")
+            shorter = (f"{shorter:.3f} on {ev.get('eval_chosen_shorter_pairs')} pairs" if shorter is not None
+                       and math.isfinite(shorter) else "no such pair held out")
             print(f"  {name.upper():4} held-out accuracy     {ev['eval_accuracy']:.3f}   (length-only baseline "
-                  f"{ev['eval_length_baseline_accuracy']:.3f}; where the better answer is shorter "
-                  f"{ev.get('eval_accuracy_chosen_shorter', float('nan')):.3f})")
+                  f"{ev['eval_length_baseline_accuracy']:.3f}; where the better answer is shorter: {shorter})")
     for name in ("ppo", "grpo"):
         if name not in PATHS[algo]:
             continue

@@ -4,7 +4,7 @@ import pytest
 
 from conftest import write_json
 from rlhf_ds.args import (DEFAULT_DATASET_DIR, STAGE_GROUPS, DataArguments, FinetuningArguments, OnlineArguments,
-                          TrainingArguments)
+                          RewardArguments, TrainingArguments)
 from rlhf_ds.data.loading import DataReport, load_examples, tokenize_preference
 from rlhf_ds.errors import UserError
 from rlhf_ds.flag_parsing import parse_args
@@ -31,6 +31,16 @@ def test_numeric_flags_out_of_range_are_one_line(group, flag, value, message):
     with pytest.raises(UserError) as err:
         parse_args(group, argv=[f"--{flag}", value])
     assert message in str(err.value)
+
+
+def test_old_spellings_still_work_and_length_debias_composes_only_with_regress():
+    (online,) = parse_args(OnlineArguments, argv=["--hybrid_engine", "ours"])
+    assert online.hybrid_engine == "on"
+    (reward,) = parse_args(RewardArguments, argv=["--length_debias", "length_negatives+regress"])
+    assert reward.length_debias == "length_negatives+regress"
+    for bad in ("regress+length_negatives", "odin+balanced", "none+regress", "length_negatives+bogus"):
+        with pytest.raises(UserError, match="--length_debias"):
+            parse_args(RewardArguments, argv=["--length_debias", bad])
 
 
 def test_a_flags_file_with_a_syntax_error_names_the_file_and_the_line(tmp_path):

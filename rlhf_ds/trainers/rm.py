@@ -20,7 +20,8 @@ from rlhf_ds import dist
 from rlhf_ds.algo.losses import length_slope, odin_loss, pairwise_loss, weighted_pairwise_loss
 from rlhf_ds.algo.pairs import pair_metrics
 from rlhf_ds.algo.sequence import gather_last
-from rlhf_ds.args import DEFAULT_MAX_LENGTH, RM_GROUPS, DataArguments, RewardArguments, RuntimeArguments
+from rlhf_ds.args import (DEFAULT_MAX_LENGTH, RM_GROUPS, DataArguments, RewardArguments, RuntimeArguments,
+                          length_debias_parts)
 from rlhf_ds.flag_parsing import parse_args
 from rlhf_ds.models.saving import gather_state_dict
 from rlhf_ds.data.collate import PairCollator, even_shards
@@ -37,6 +38,9 @@ from rlhf_ds.trainers.supervised import SupervisedTrainer
 logger = logging.getLogger("rlhf_ds.rm")
 
 SCORE_STATS_SAMPLES = 512  # pairs scored for the mean/std stored with the model when there is no eval split
+# figures also reported without regress's correction (eval_before_regress_*), so one run shows what it changed
+BEFORE_REGRESS = ("eval_accuracy", "eval_accuracy_chosen_shorter", "eval_accuracy_chosen_longer",
+                  "eval_length_balanced_accuracy", "eval_score_length_correlation")
 REGRESS_SAMPLES = 128  # training pairs scored to fit the length slope (--length_debias regress)
 
 
@@ -93,14 +97,17 @@ class RewardTrainer(SupervisedTrainer):
         super().__init__(*groups)
         self.reward_args: RewardArguments = self.extra_args[0]
         self.debias = self.reward_args.length_debias
+        self.methods = length_debias_parts(self.debias)
         self.length_slope: float | None = None
+        self.real_pairs = None  # the training pairs before length_negatives adds any (regress fits on these)
 
     def resume_config(self) -> dict[str, Any]:
         return {**super().resume_config(), "length_debias": self.debias}
 
     def augment(self, examples):
         """length_negatives: pairs whose rejected answer is a good answer made longer without making it better."""
-        if self.debias != "length_negatives":
+        self.real_pairs = examples
+        if "length_negatives" not in self.methods:
             return examples
         # Only answers short enough to stay shorter than --max_length once padded: a longer one would be cut back
         # to the chosen answer by truncation, and the pair dropped as identical.
@@ -124,7 +131,7 @@ class RewardTrainer(SupervisedTrainer):
     def tokenize(self, examples, name: str):
         tokenized = tokenize_preference(examples, self.tokenizer, self.template, self.max_length, self.report,
                                         name=name)
-        if self.debias == "balanced" and name == "train":
+        if "balanced" in self.methods and name == "train":
             weights = balance_weights(tokenized["chosen"], tokenized["rejected"])
             tokenized = tokenized.add_column("pair_weight", weights)
             kinds: dict[str, list[float]] = {}
@@ -146,12 +153,12 @@ class RewardTrainer(SupervisedTrainer):
         backbone = load_backbone(self.model_path, self.precision.dtype, self.ds_config)
         if self.model_args.gradient_checkpointing:
             backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return ScalarHeadModel(apply_finetuning(backbone, self.ft_args), length_head=self.debias == "odin")
+        return ScalarHeadModel(apply_finetuning(backbone, self.ft_args), length_head="odin" in self.methods)
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         mask = batch["attention_mask"]
         extra: dict[str, float] = {}
-        if self.debias == "odin":
+        if "odin" in self.methods:
             values, length_values, cosine = self.engine(input_ids=batch["input_ids"], attention_mask=mask, both=True)
             quality, length_part = gather_last(values, mask), gather_last(length_values, mask)
             loss, parts = odin_loss(quality, length_part, batch["answer_tokens"].float(), cosine,
@@ -161,9 +168,9 @@ class RewardTrainer(SupervisedTrainer):
         else:
             scores = gather_last(self.engine(input_ids=batch["input_ids"], attention_mask=mask), mask)
         chosen, rejected = scores.chunk(2)
-        if self.debias == "balanced":
+        if "balanced" in self.methods:
             loss = weighted_pairwise_loss(chosen, rejected, batch["pair_weight"])
-        elif self.debias != "odin":
+        elif "odin" not in self.methods:
             loss = pairwise_loss(chosen, rejected)
         return loss, {"accuracy": (chosen > rejected).float().mean().item(), "chosen_score": chosen.mean().item(),
                       "rejected_score": rejected.mean().item(), **extra}
@@ -172,7 +179,10 @@ class RewardTrainer(SupervisedTrainer):
         """Scores of every pair as PPO will read them (with the length correction of `regress`)."""
         chosen, rejected = score_pairs(self.engine, dataset, self.rt.per_device_eval_batch_size, self.collator,
                                        desc=desc, disable_tqdm=self.rt.disable_tqdm)
-        if self.debias == "regress":
+        return self.length_corrected(dataset, chosen, rejected)
+
+    def length_corrected(self, dataset, chosen: list[float], rejected: list[float]) -> tuple[list[float], list[float]]:
+        if "regress" in self.methods:
             if self.length_slope is None:
                 self.length_slope = self.fit_length_slope()
             chosen = [c - self.length_slope * n for c, n in zip(chosen, answer_tokens(dataset, "chosen"))]
@@ -180,8 +190,11 @@ class RewardTrainer(SupervisedTrainer):
         return chosen, rejected
 
     def fit_length_slope(self) -> float:
-        """regress: how much a token of answer length adds to the score, fitted on training pairs."""
-        subset = self.train_set.select(range(min(REGRESS_SAMPLES, len(self.train_set))))
+        """regress: how much a token of answer length adds to the score, fitted on training pairs (the real ones:
+        the padded pairs of length_negatives would teach the fit the opposite of what the data says)."""
+        real = self.real_pairs.select(range(min(REGRESS_SAMPLES, len(self.real_pairs))))
+        subset = tokenize_preference(real, self.tokenizer, self.template, self.max_length, DataReport(),
+                                     name="length slope")
         chosen, rejected = score_pairs(self.engine, subset, self.rt.per_device_eval_batch_size, self.collator,
                                        desc="length slope", disable_tqdm=self.rt.disable_tqdm)
         slope = length_slope(chosen + rejected, answer_tokens(subset, "chosen") + answer_tokens(subset, "rejected"))
@@ -190,10 +203,15 @@ class RewardTrainer(SupervisedTrainer):
         return slope
 
     def evaluate(self, step: int) -> dict[str, float]:
-        if self.debias == "regress":
+        if "regress" in self.methods:
             self.length_slope = None  # refitted on the model as it is now
-        chosen, rejected = self.scores(self.eval_set, "evaluating")
+        raw = score_pairs(self.engine, self.eval_set, self.rt.per_device_eval_batch_size, self.collator,
+                          desc="evaluating", disable_tqdm=self.rt.disable_tqdm)
+        chosen, rejected = self.length_corrected(self.eval_set, *raw)
         results = pair_metrics(chosen, rejected, self.eval_set["chosen"], self.eval_set["rejected"])
+        if "regress" in self.methods:  # what the correction changed: the same model's figures without it
+            before = pair_metrics(*raw, self.eval_set["chosen"], self.eval_set["rejected"])
+            results.update({f"eval_before_regress_{k[5:]}": before[k] for k in BEFORE_REGRESS if k in before})
         self.metrics.update(results)
         if dist.is_main():
             write_predictions(self.out / "eval_predictions.jsonl", self.eval_set, chosen, rejected)
@@ -234,7 +252,7 @@ class RewardTrainer(SupervisedTrainer):
                           self.tokenizer)
 
     def save(self) -> None:
-        if self.debias == "regress" and self.length_slope is None:
+        if "regress" in self.methods and self.length_slope is None:
             self.length_slope = self.fit_length_slope()
         self.score_stats = self._score_stats()  # collective: every rank scores before rank 0 writes
         super().save()

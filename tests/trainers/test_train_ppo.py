@@ -97,6 +97,8 @@ def test_ppo_raises_a_trained_reward_models_score_on_held_out_prompts(tiny_llama
     assert max(kls) < 20 and kls[-1] > 1
     coefs = [r["kl_coef"] for r in rows]
     assert all(b < a for a, b in zip(coefs, coefs[1:]))
+    values = [r["value_loss"] for r in rows]  # the critic learns to predict the returns
+    assert sum(values[-10:]) / 10 < sum(values[:10]) / 10, values
     samples = read_jsonl(out / "samples.jsonl")
     assert samples and {"step", "prompt", "response", "reward"} <= set(samples[0])
     from transformers import AutoModelForCausalLM

@@ -131,7 +131,7 @@ def test_refuses_to_overwrite_a_finished_run(tiny_llama, rm_straight, tmp_path):
     check_ok(run_cli("train_rm.py", *args, "--overwrite_output_dir"))
 
 
-@pytest.mark.parametrize("mode", ["odin", "balanced", "regress", "length_negatives"])
+@pytest.mark.parametrize("mode", ["odin", "balanced", "length_negatives+regress", "length_negatives"])
 def test_each_length_debias_method_trains_and_its_saved_scores_are_read_as_training_read_them(tiny_llama, tmp_path,
                                                                                           mode):
     """Every --length_debias method trains and reports the length-controlled figures; eval_rm on the saved model
@@ -167,8 +167,9 @@ def test_each_length_debias_method_trains_and_its_saved_scores_are_read_as_train
         assert all(0 < abs(r["head_cosine"]) < 1 and -1 <= r["quality_length_corr"] <= 1 for r in rows)
         corr = [r["length_head_corr"] for r in rows]
         assert sum(corr[-3:]) > sum(corr[:3]) + 0.3  # the length head learns to follow length
-    elif mode == "regress":
-        assert meta["length_slope_per_token"] != 0 and "regress: the score rises by" in log
+    elif mode == "length_negatives+regress":  # the slope is fitted on the 64 real pairs, not the padded ones
+        assert meta["length_slope_per_token"] != 0 and "per answer token on 64 training pairs" in log
+        assert 0 <= results["eval_before_regress_accuracy_chosen_shorter"] <= 1  # the same model, uncorrected
     elif mode == "balanced":
         kinds = re.findall(r"(chosen shorter|chosen longer|same length) (\d+) x ([\d.]+)", log)
         assert "chosen shorter" in {k for k, _, _ in kinds}  # each kind weighs the same in total
@@ -177,6 +178,8 @@ def test_each_length_debias_method_trains_and_its_saved_scores_are_read_as_train
         made = re.search(r"length_negatives: 64 padded pairs added to 64 training pairs \(made from the (\d+) ", log)
         assert made and int(made.group(1)) > 0
         assert len(rows) == 128 // 4  # none was cut back to its chosen answer by --max_length and dropped
+    if "length_negatives" in mode:
+        assert "length_negatives: 64 padded pairs added to 64 training pairs" in log
     if mode in ("balanced", "length_negatives"):
         return  # these change the training data, not how a saved model scores
     scored = tmp_path / "scored.json"

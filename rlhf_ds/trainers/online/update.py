@@ -10,7 +10,7 @@ import torch
 
 from rlhf_ds import dist
 from rlhf_ds.algo.advantages import ADVANTAGE_ESTIMATORS, group_reward_std, uniform_groups
-from rlhf_ds.algo.core import explained_variance, logprobs_and_entropy, masked_mean, masked_sum, \
+from rlhf_ds.algo.core import explained_variance, logprobs_and_entropy, masked_mean, \
     whiten_over_ranks
 from rlhf_ds.algo.kl import kl_per_token, kl_reward_penalty
 from rlhf_ds.algo.losses import sft_loss
@@ -49,7 +49,7 @@ def complete(ro: Rollout, logprobs: torch.Tensor, values: torch.Tensor | None, o
             keep = (~uniform).repeat_interleave(n).to(mask.device)
             ro.loss_mask = mask * keep.unsqueeze(-1).to(mask.dtype)
     if ro.ref_logprobs is not None:
-        stats["kl"] = masked_sum(logprobs - ro.ref_logprobs, mask, dim=-1).mean().item()  # k1 per answer
+        stats["kl"] = kl_per_token(logprobs, ro.ref_logprobs, mask, "k1").sum(-1).mean().item()  # nats per answer
     if ro.values is not None:
         stats["value_explained_variance"] = explained_variance(ro.values, ro.returns, mask).item()
 
