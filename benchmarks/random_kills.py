@@ -135,7 +135,8 @@ def main() -> None:
                                                        "a checkpoint every step, 5 steps",
                       "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                                                capture_output=True, text=True).stdout.strip(),
-                      "command": " ".join(["python", *sys.argv]), **machine(), "uninterrupted_run_s": round(straight_s, 1), "trials": len(results),
+                      "command": " ".join(["python", *sys.argv]), **machine(),
+                      "uninterrupted_run_s": round(straight_s, 1), "trials": len(results),
                       "kills": sum(len(r["killed_at_s"]) for r in results),
                       "trials_that_lost_anything": sum(bool(r["lost"]) for r in results), "results": results}))
 

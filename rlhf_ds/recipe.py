@@ -248,6 +248,7 @@ def run_recipe(args: RecipeArguments) -> Path:
     state = json.loads(state_file.read_text()) if state_file.is_file() and not args.overwrite else {}
     minutes = state.get("minutes", {})
     peaks = state.get("peak_memory_gib", {})
+    where = where_measured()
     t0 = time.time()
     for name, command in commands.items():
         if (out / name / FINISHED[name]).is_file() and not args.overwrite:
@@ -257,7 +258,7 @@ def run_recipe(args: RecipeArguments) -> Path:
         minutes[name] = round(seconds / 60, 2)
         peaks[name] = round(peak, 2)
         state.update(algo=args.algo, model=args.model, launcher=args.launcher, profile=args.profile, minutes=minutes,
-                     peak_memory_gib=peaks, arguments=asdict(args), **where_measured())
+                     peak_memory_gib=peaks, arguments=asdict(args), **where)
         state_file.write_text(json.dumps(state, indent=2))
     state["wall_minutes"] = round(sum(minutes.values()), 2)
     state_file.write_text(json.dumps(state, indent=2))

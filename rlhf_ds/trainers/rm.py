@@ -177,9 +177,11 @@ class RewardTrainer(SupervisedTrainer):
 
     def scores(self, dataset, desc: str) -> tuple[list[float], list[float]]:
         """Scores of every pair as PPO will read them (with the length correction of `regress`)."""
-        chosen, rejected = score_pairs(self.engine, dataset, self.rt.per_device_eval_batch_size, self.collator,
-                                       desc=desc, disable_tqdm=self.rt.disable_tqdm)
-        return self.length_corrected(dataset, chosen, rejected)
+        return self.length_corrected(dataset, *self.raw_scores(dataset, desc))
+
+    def raw_scores(self, dataset, desc: str) -> tuple[list[float], list[float]]:
+        return score_pairs(self.engine, dataset, self.rt.per_device_eval_batch_size, self.collator, desc=desc,
+                           disable_tqdm=self.rt.disable_tqdm)
 
     def length_corrected(self, dataset, chosen: list[float], rejected: list[float]) -> tuple[list[float], list[float]]:
         if "regress" in self.methods:
@@ -195,8 +197,7 @@ class RewardTrainer(SupervisedTrainer):
         real = self.real_pairs.select(range(min(REGRESS_SAMPLES, len(self.real_pairs))))
         subset = tokenize_preference(real, self.tokenizer, self.template, self.max_length, DataReport(),
                                      name="length slope")
-        chosen, rejected = score_pairs(self.engine, subset, self.rt.per_device_eval_batch_size, self.collator,
-                                       desc="length slope", disable_tqdm=self.rt.disable_tqdm)
+        chosen, rejected = self.raw_scores(subset, "length slope")
         slope = length_slope(chosen + rejected, answer_tokens(subset, "chosen") + answer_tokens(subset, "rejected"))
         logger.info("regress: the score rises by %.4f per answer token on %d training pairs; taken off every score",
                     slope, len(subset))
@@ -205,8 +206,7 @@ class RewardTrainer(SupervisedTrainer):
     def evaluate(self, step: int) -> dict[str, float]:
         if "regress" in self.methods:
             self.length_slope = None  # refitted on the model as it is now
-        raw = score_pairs(self.engine, self.eval_set, self.rt.per_device_eval_batch_size, self.collator,
-                          desc="evaluating", disable_tqdm=self.rt.disable_tqdm)
+        raw = self.raw_scores(self.eval_set, "evaluating")
         chosen, rejected = self.length_corrected(self.eval_set, *raw)
         results = pair_metrics(chosen, rejected, self.eval_set["chosen"], self.eval_set["rejected"])
         if "regress" in self.methods:  # what the correction changed: the same model's figures without it
