@@ -76,11 +76,11 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint_usable(tiny_llama, rm
 
 def test_ppo_zero3_lora_two_processes_killed_and_resumed_exactly(tiny_llama, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    check_ok(run_cli("train_ppo.py", *ppo_args(tiny_llama, straight), nproc=2, launcher="deepspeed"))
-    proc = run_cli("train_ppo.py", *ppo_args(tiny_llama, killed), nproc=2, launcher="deepspeed",
+    check_ok(run_cli("train_ppo.py", *ppo_args(tiny_llama, straight), nproc=2, launcher="torchrun"))
+    proc = run_cli("train_ppo.py", *ppo_args(tiny_llama, killed), nproc=2, launcher="torchrun",
                    env={"RLHF_DS_DIE_AT": "step:3"})
     assert proc.returncode != 0 and latest_checkpoint(killed).name == "step-2"
-    again = check_ok(run_cli("train_ppo.py", *ppo_args(tiny_llama, killed), nproc=2, launcher="deepspeed"))
+    again = check_ok(run_cli("train_ppo.py", *ppo_args(tiny_llama, killed), nproc=2, launcher="torchrun"))
     assert "resuming from" in again.stdout
     assert_same_run(straight, killed, COMPARED["ppo"],
                     ["actor/adapter_model.safetensors", "actor_ema/adapter_model.safetensors",

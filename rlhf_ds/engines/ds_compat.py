@@ -199,3 +199,41 @@ def load_shm_op() -> None:
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         return  # DeepSpeed will not build it either: gloo all the way
     guarded_op_build(Path(_get_build_directory(builder.NAME, verbose=False)), lambda: builder.load(verbose=False))
+
+
+def import_muon_lazily() -> None:
+    """Import DeepSpeed's Muon optimizer with its @torch.compile decorators deferred to the first call.
+
+    DeepSpeed imports the module while it builds any ZeRO engine and again in each ZeRO-1/2 gradient reduction (to
+    test `isinstance(optimizer, MuonWithAuxAdam)`). Its decorators then call torch.compile at import, which loads
+    TorchInductor: 0.7-1.5 s of every rank's start-up on a 2-core CPU, for an optimizer rlhf_ds never builds. Here the
+    module is imported once with DeepSpeed's `compiler.compile()` handing back a wrapper that compiles on its first
+    call, so a Muon user gets the same compiled kernels and everyone else skips the cost. Covered by
+    tests/engines/test_ds_config.py (the module is imported without TorchInductor's compiler)."""
+    import sys
+
+    if "deepspeed.runtime.zero.muon.original_muon" in sys.modules:
+        return
+    import functools
+
+    from deepspeed.runtime import compiler
+
+    def lazily_compiled(fn):
+        compiled = None
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            nonlocal compiled
+            if compiled is None:
+                compiled = torch.compile(fn)
+            return compiled(*args, **kwargs)
+        return wrapper
+
+    eager = compiler.compile
+    compiler.compile = lambda: lazily_compiled
+    try:
+        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401  (imports original_muon)
+    except ImportError:  # a DeepSpeed without Muon
+        pass
+    finally:
+        compiler.compile = eager

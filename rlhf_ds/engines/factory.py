@@ -6,6 +6,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from rlhf_ds.engines.ds_compat import import_muon_lazily
 from rlhf_ds.engines.precision import config_dtype
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ def create_train_engine(model: nn.Module, ds_config: dict[str, Any], *, schedule
                              num_training_steps=max(total_steps, 1))
 
     _cast_unpartitioned(model, ds_config)
+    import_muon_lazily()
     weight_decay = ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay),
                                       config=ds_config, lr_scheduler=make_scheduler)
@@ -58,6 +60,7 @@ def create_inference_engine(model: nn.Module, ds_config: dict[str, Any]):
     for p in model.parameters():
         p.requires_grad_(False)
     _cast_unpartitioned(model, ds_config)
+    import_muon_lazily()
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
     return engine

@@ -46,3 +46,31 @@ def test_bad_config_file_is_one_line(tmp_path):
     f.write_text('{"zero_optimization": {"stage": 3,}}')
     with pytest.raises(UserError, match=r"invalid JSON at line 1"):
         read_config(f)
+
+
+def test_deepspeeds_muon_is_imported_without_compiling_and_compiles_on_first_use():
+    """import_muon_lazily: building an engine no longer loads TorchInductor's compiler for DeepSpeed's Muon module,
+    and Muon's functions still go through torch.compile, once, when first called. In a fresh interpreter, so that
+    nothing this test process imported earlier decides the outcome."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+from deepspeed.runtime import compiler
+from rlhf_ds.engines.ds_compat import import_muon_lazily
+import_muon_lazily()
+from deepspeed.runtime.zero.muon import original_muon as m
+assert "torch._inductor.compile_fx" not in sys.modules, "TorchInductor's compiler was loaded"
+assert compiler.compile() is torch.compile, "DeepSpeed's compiler.compile was not restored"
+compiled = []
+torch.compile = lambda fn: compiled.append(fn) or fn
+G = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+first, second = m.zeropower_via_newtonschulz5(G, 2), m.zeropower_via_newtonschulz5(G, 2)
+eager = m.zeropower_via_newtonschulz5.__wrapped__
+assert compiled == [eager], compiled
+assert torch.equal(first, eager(G, 2)) and torch.equal(second, first)
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -71,12 +71,13 @@ def test_two_process_zero3_lora_offload_then_eval_rm_gives_the_same_scores(tiny_
 
 def test_torchrun_and_plain_python_run_the_same_stage_in_the_precision_the_processor_runs_fast(tiny_gpt2, tmp_path):
     # --fp16 on a CPU: bf16 where the processor has native bf16 kernels, fp32 where it has none. The probe's answer
-    # is forced both ways (RLHF_DS_CPU_BF16), so both branches run whatever processor the tests are on.
+    # is forced both ways (RLHF_DS_CPU_BF16), so both branches run whatever processor the tests are on. 16 pairs: two
+    # steps on two ranks, and few to score at the save, where bf16 on a processor without bf16 kernels is slow.
     for launcher, nproc, cpu_bf16, expected in (("torchrun", 2, "absent", "fp32"), ("python", 1, "native", "bf16")):
         out = tmp_path / launcher
         proc = check_ok(run_cli(
             "train_rm.py", "--model_name_or_path", str(tiny_gpt2), "--do_train", "--dataset", "comparison_gpt4_en",
-            "--max_samples", "64", "--output_dir", str(out), "--per_device_train_batch_size", "4", "--max_steps",
+            "--max_samples", "16", "--output_dir", str(out), "--per_device_train_batch_size", "4", "--max_steps",
             "2", "--zero_stage", "2", "--fp16", "--disable_tqdm", nproc=nproc, launcher=launcher,
             env={"RLHF_DS_CPU_BF16": cpu_bf16}))
         assert f"{nproc} rank(s)" in proc.stdout
