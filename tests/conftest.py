@@ -113,30 +113,60 @@ def zero3_test_config(path: Path, offload: bool = True) -> Path:
         "zero_optimization": zero})
 
 
+class Started:
+    """A command started in a session of its own, its output going to files (not pipes, so that several started at
+    once never wait on a reader); result() waits like subprocess.run(capture_output=True, text=True) and, on a
+    timeout, kills the whole process tree: torchrun and the deepspeed launcher start ranks in sessions of their own,
+    which would outlive the launcher and keep the machine busy (or hold DeepSpeed's op build lock) for the rest of
+    the suite."""
+
+    def __init__(self, cmd: list[str], timeout: float, **kwargs):
+        import tempfile
+        import time
+
+        self.cmd, self.timeout, self.deadline = cmd, timeout, time.time() + timeout
+        self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=self.err, text=True, start_new_session=True,
+                                     **kwargs)
+
+    def _read(self) -> tuple[str, str]:
+        texts = []
+        for f in (self.out, self.err):
+            f.seek(0)
+            texts.append(f.read())
+            f.close()
+        return texts[0], texts[1]
+
+    def result(self) -> subprocess.CompletedProcess:
+        import time
+
+        import psutil
+
+        try:
+            self.proc.wait(timeout=max(self.deadline - time.time(), 0.1))
+        except subprocess.TimeoutExpired:
+            for child in psutil.Process(self.proc.pid).children(recursive=True) + [psutil.Process(self.proc.pid)]:
+                try:
+                    child.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            self.proc.wait()
+            out, err = self._read()
+            raise subprocess.TimeoutExpired(self.cmd, self.timeout, output=out, stderr=err) from None
+        out, err = self._read()
+        return subprocess.CompletedProcess(self.cmd, self.proc.returncode, out, err)
+
+
 def run_tree(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
-    """subprocess.run(capture_output=True, text=True) that kills the whole process tree on a timeout: torchrun and
-    the deepspeed launcher start ranks in sessions of their own, which would outlive the launcher and keep the
-    machine busy (or hold DeepSpeed's op build lock) for the rest of the suite."""
-    import psutil
-
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            **kwargs)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        for child in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]:
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
-        out, err = proc.communicate()
-        raise subprocess.TimeoutExpired(cmd, timeout, output=out, stderr=err) from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    """Run a command to its end (Started, waited for)."""
+    return Started(cmd, timeout, **kwargs).result()
 
 
-def run_cli(script: str, *args: str, nproc: int = 1, launcher: str = "python", timeout: int = 600,
-            env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run launch/<script> the way a user does: plain python, the deepspeed launcher, or torchrun."""
+def start_cli(script: str, *args: str, nproc: int = 1, launcher: str = "python", timeout: int = 600,
+              env: dict | None = None) -> Started:
+    """Start launch/<script> the way a user does: plain python, the deepspeed launcher, or torchrun. Runs that do not
+    depend on each other (an uninterrupted run and the one to be killed) start together: each process spends most of
+    its few seconds importing on one core, so two at once take little longer than one on a 2-core machine."""
     from rlhf_ds.dist import free_port
 
     bin_dir = Path(sys.executable).parent
@@ -153,7 +183,12 @@ def run_cli(script: str, *args: str, nproc: int = 1, launcher: str = "python", t
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
         full_env.pop(key, None)  # the in-process dist fixture must not leak into children
-    return run_tree(cmd + list(args), timeout, env=full_env, cwd=str(REPO))
+    return Started(cmd + list(args), timeout, env=full_env, cwd=str(REPO))
+
+
+def run_cli(script: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    """start_cli, waited for."""
+    return start_cli(script, *args, **kwargs).result()
 
 
 def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -167,26 +202,29 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def rm_straight(tiny_llama, artifacts) -> Path:
-    """An uninterrupted reward-model run with test_resume.rm_args, made once for every test that compares a stopped
-    and resumed run with it."""
+def rm_runs(tiny_llama, artifacts) -> tuple[Path, Path]:
+    """Two reward-model runs with test_resume.rm_args, made at once and once for the session: one uninterrupted, and
+    one SIGKILLed as step 5 begins (its last checkpoint: step-4)."""
     from test_resume import rm_args
 
-    straight = artifacts / "rm-straight"
-    check_ok(run_cli("train_rm.py", *rm_args(tiny_llama, straight)))
-    return straight
+    straight, killed = artifacts / "rm-straight", artifacts / "rm-killed"
+    uninterrupted = start_cli("train_rm.py", *rm_args(tiny_llama, straight))
+    proc = run_cli("train_rm.py", *rm_args(tiny_llama, killed), env={"RLHF_DS_DIE_AT": "step:5"})
+    check_ok(uninterrupted.result())
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    return straight, killed
 
 
 @pytest.fixture(scope="session")
-def rm_killed(tiny_llama, artifacts) -> Path:
-    """The same reward-model run SIGKILLed as step 5 begins (its last checkpoint: step-4), made once; tests take a copy
-    (copy_run) to resume, tamper with or refuse."""
-    from test_resume import rm_args
+def rm_straight(rm_runs) -> Path:
+    """The uninterrupted run, for every test that compares a stopped and resumed run with it."""
+    return rm_runs[0]
 
-    killed = artifacts / "rm-killed"
-    proc = run_cli("train_rm.py", *rm_args(tiny_llama, killed), env={"RLHF_DS_DIE_AT": "step:5"})
-    assert proc.returncode == -9, proc.stderr[-3000:]
-    return killed
+
+@pytest.fixture(scope="session")
+def rm_killed(rm_runs) -> Path:
+    """The killed run; tests take a copy (copy_run) to resume, tamper with or refuse."""
+    return rm_runs[1]
 
 
 def copy_run(run: Path, to: Path) -> Path:

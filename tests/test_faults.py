@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 
-from conftest import REPO, check_ok, copy_run, read_jsonl, run_cli, run_tree
+from conftest import REPO, check_ok, copy_run, read_jsonl, run_cli, run_tree, start_cli
 from rlhf_ds.checkpoint import MANIFEST, latest_checkpoint
 from test_resume import COMPARED, assert_same_run, ppo_args, rm_args
 
@@ -94,12 +94,13 @@ def test_a_second_run_on_the_same_folder_stops_at_once_naming_the_first(tiny_lla
 
 def test_a_stop_during_set_up_exits_for_a_requeue_and_one_mid_step_saves_the_last_finished_step(tiny_llama,
                                                                                                   tmp_path):
-    out = tmp_path / "setup"
-    proc = run_cli("train_ppo.py", *ppo_args(tiny_llama, out), env={"RLHF_DS_SIGNAL_AT": "setup:0"})
-    assert proc.returncode == 75 and "received during set-up, before step 1" in proc.stderr
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    check_ok(run_cli("train_ppo.py", *ppo_args(tiny_llama, straight)))
+    out, straight, stopped = tmp_path / "setup", tmp_path / "straight", tmp_path / "stopped"
+    in_setup = start_cli("train_ppo.py", *ppo_args(tiny_llama, out), env={"RLHF_DS_SIGNAL_AT": "setup:0"})
+    uninterrupted = start_cli("train_ppo.py", *ppo_args(tiny_llama, straight))
     proc = run_cli("train_ppo.py", *ppo_args(tiny_llama, stopped), env={"RLHF_DS_SIGNAL_AT": "rollout:4"})
+    check_ok(uninterrupted.result())
+    in_setup = in_setup.result()
+    assert in_setup.returncode == 75 and "received during set-up, before step 1" in in_setup.stderr
     assert proc.returncode == 75, proc.stderr[-2000:]
     assert "SIGUSR1 received during step 4: the step is left undone and step 3 is saved now" in proc.stdout
     assert latest_checkpoint(stopped).name == "step-3"

@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from conftest import REPO, check_ok, run_cli, run_tree
+from conftest import REPO, check_ok, run_cli, run_tree, start_cli
 
 
 def test_recipe_runs_end_to_end_then_exports_and_reloads(tiny_llama, tmp_path):
@@ -54,6 +54,9 @@ def test_recipe_runs_end_to_end_then_exports_and_reloads(tiny_llama, tmp_path):
 def test_the_dpo_and_grpo_paths_run_end_to_end_with_their_reports(tiny_llama, tmp_path):
     import json
 
+    grpo = start_cli("run_recipe.py", "--algo", "grpo", "--model", str(tiny_llama), "--output_dir",
+                     str(tmp_path / "grpo"), "--grpo_steps", "2", "--grpo_prompts", "2", "--grpo_samples", "2",
+                     "--grpo_max_new_tokens", "6", "--grpo_args", "--max_samples 16")  # beside the DPO recipe
     out = tmp_path / "dpo"
     proc = check_ok(run_cli("run_recipe.py", "--algo", "dpo", "--model", str(tiny_llama), "--output_dir", str(out),
                             "--sft_examples", "24", "--sft_eval", "4", "--rm_pairs", "24", "--rm_eval", "8",
@@ -70,9 +73,7 @@ def test_the_dpo_and_grpo_paths_run_end_to_end_with_their_reports(tiny_llama, tm
     assert (out / "dpo_training.png").is_file() and "(dpo_training.png)" in report
 
     out = tmp_path / "grpo"
-    proc = check_ok(run_cli("run_recipe.py", "--algo", "grpo", "--model", str(tiny_llama), "--output_dir", str(out),
-                            "--grpo_steps", "2", "--grpo_prompts", "2", "--grpo_samples", "2",
-                            "--grpo_max_new_tokens", "6", "--grpo_args", "--max_samples 16"))
+    proc = check_ok(grpo.result())
     assert "1/1 GRPO with the math reward" in proc.stdout and "GRPO held-out accuracy" in proc.stdout
     report = (out / "report.md").read_text()
     assert "held-out accuracy (greedy answers, math reward)" in report and "GRPO answers went from" in report

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, check_ok, copy_run, read_jsonl, run_cli
+from conftest import REPO, check_ok, copy_run, read_jsonl, run_cli, start_cli
 from rlhf_ds.checkpoint import latest_checkpoint
 from rlhf_ds.dist import free_port
 
@@ -76,9 +76,10 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint_usable(tiny_llama, rm
 
 def test_ppo_zero3_lora_two_processes_killed_and_resumed_exactly(tiny_llama, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    check_ok(run_cli("train_ppo.py", *ppo_args(tiny_llama, straight), nproc=2, launcher="torchrun"))
+    uninterrupted = start_cli("train_ppo.py", *ppo_args(tiny_llama, straight), nproc=2, launcher="torchrun")
     proc = run_cli("train_ppo.py", *ppo_args(tiny_llama, killed), nproc=2, launcher="torchrun",
                    env={"RLHF_DS_DIE_AT": "step:3"})
+    check_ok(uninterrupted.result())
     assert proc.returncode != 0 and latest_checkpoint(killed).name == "step-2"
     again = check_ok(run_cli("train_ppo.py", *ppo_args(tiny_llama, killed), nproc=2, launcher="torchrun"))
     assert "resuming from" in again.stdout
@@ -106,8 +107,9 @@ def test_grpo_without_a_critic_zero3_two_processes_killed_and_resumed_exactly(ti
                 "--learning_rate", "5e-3", "--max_new_tokens", "6", "--max_prompt_length", "32", "--disable_tqdm"]
 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    check_ok(run_cli("train_grpo.py", *grpo_args(straight), nproc=2, launcher="torchrun"))
+    uninterrupted = start_cli("train_grpo.py", *grpo_args(straight), nproc=2, launcher="torchrun")
     proc = run_cli("train_grpo.py", *grpo_args(killed), nproc=2, launcher="torchrun", env={"RLHF_DS_DIE_AT": "step:3"})
+    check_ok(uninterrupted.result())
     assert proc.returncode != 0 and latest_checkpoint(killed).name == "step-2"
     assert sorted(p.name for p in latest_checkpoint(killed).iterdir() if p.is_dir()) == ["actor", "rng"]
     again = check_ok(run_cli("train_grpo.py", *grpo_args(killed), nproc=2, launcher="torchrun"))

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import check_ok, read_jsonl, run_cli
+from conftest import check_ok, read_jsonl, run_cli, start_cli
 from test_resume import assert_same_run
 
 STEP_KEYS = ("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "chosen_logps",
@@ -81,14 +81,16 @@ def test_the_other_losses_run_and_the_reference_free_ones_build_no_reference(tin
 
 
 def test_precomputed_and_per_step_references_train_alike_on_two_processes_under_zero3(tiny_llama, tmp_path):
-    runs = {}
-    for mode in ("--precompute_ref_logps", "--no_precompute_ref_logps"):
+    runs, started = {}, []
+    for mode in ("--precompute_ref_logps", "--no_precompute_ref_logps"):  # both at once
         out = tmp_path / mode.strip("-")
-        check_ok(run_cli("train_dpo.py", *dpo_args(
+        started.append(start_cli("train_dpo.py", *dpo_args(
             tiny_llama, out, "--finetuning_type", "lora", "--lora_target", "q_proj,v_proj", "--zero_stage", "3",
             "--stage3_param_persistence_threshold", "0", "--max_steps", "3", "--learning_rate", "1e-3", mode),
             nproc=2, launcher="torchrun"))
         runs[mode] = out
+    for run in started:
+        check_ok(run.result())
     assert_same_run(runs["--precompute_ref_logps"], runs["--no_precompute_ref_logps"],
                     ("loss", "reward_margin", "chosen_logps"), ["adapter_model.safetensors"])
 
@@ -97,9 +99,10 @@ def test_full_fine_tuning_on_two_processes_resumes_exactly_after_a_kill(tiny_lla
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     args = ("--finetuning_type", "full", "--zero_stage", "3", "--stage3_param_persistence_threshold", "0",
             "--max_steps", "4", "--save_steps", "2", "--learning_rate", "1e-4")
-    check_ok(run_cli("train_dpo.py", *dpo_args(tiny_llama, straight, *args), nproc=2, launcher="torchrun"))
+    uninterrupted = start_cli("train_dpo.py", *dpo_args(tiny_llama, straight, *args), nproc=2, launcher="torchrun")
     proc = run_cli("train_dpo.py", *dpo_args(tiny_llama, killed, *args), nproc=2, launcher="torchrun",
                    env={"RLHF_DS_DIE_AT": "step:3"})
+    check_ok(uninterrupted.result())
     assert proc.returncode != 0
     again = check_ok(run_cli("train_dpo.py", *dpo_args(tiny_llama, killed, *args), nproc=2, launcher="torchrun"))
     assert "resuming from" in again.stdout
