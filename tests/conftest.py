@@ -125,7 +125,7 @@ class Started:
         import time
 
         self.cmd, self.timeout, self.deadline = cmd, timeout, time.time() + timeout
-        self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.out, self.err = (tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") for _ in range(2))
         self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=self.err, text=True, start_new_session=True,
                                      **kwargs)
 
