@@ -253,3 +253,21 @@ def test_logprobs_and_entropy_in_one_pass_equal_the_two_functions():
     torch.testing.assert_close(logp, core.logprobs_from_logits(logits, tokens, 0.8))
     torch.testing.assert_close(ent, core.entropy_from_logits(logits, 0.8))
     assert logp.requires_grad and not ent.requires_grad
+
+
+def test_logprobs_row_by_row_equal_the_whole_batch_on_a_slice_with_the_same_gradient():
+    """The trainers pass logits[:, :-1] (not contiguous), in bf16 or fp32: the row-by-row log-softmax gives the
+    values and the gradient of the whole batch's, and an empty batch gives an empty answer."""
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.bfloat16):
+        full = torch.randn(3, 6, 17, generator=g).to(dtype).requires_grad_(True)
+        tokens = torch.randint(0, 17, (3, 5), generator=g)
+        got = core.logprobs_from_logits(full[:, :-1], tokens, 0.9)
+        want = torch.log_softmax(full[:, :-1].float() / 0.9, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        (grad_got,) = torch.autograd.grad(got.sum(), full)
+        (grad_want,) = torch.autograd.grad(want.sum(), full)
+        torch.testing.assert_close(grad_got, grad_want, rtol=0, atol=0)
+        assert got.dtype == torch.float32
+    empty = core.logprobs_from_logits(torch.zeros(0, 4, 17), torch.zeros(0, 4, dtype=torch.long))
+    assert empty.shape == (0, 4)
