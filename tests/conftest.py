@@ -5,6 +5,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -121,9 +123,6 @@ class Started:
     the suite."""
 
     def __init__(self, cmd: list[str], timeout: float, **kwargs):
-        import tempfile
-        import time
-
         self.cmd, self.timeout, self.deadline = cmd, timeout, time.time() + timeout
         self.out, self.err = (tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") for _ in range(2))
         self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=self.err, text=True, start_new_session=True,
@@ -138,8 +137,6 @@ class Started:
         return texts[0], texts[1]
 
     def result(self) -> subprocess.CompletedProcess:
-        import time
-
         import psutil
 
         try:

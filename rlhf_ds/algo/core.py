@@ -6,7 +6,7 @@ the cross-rank sum is passed in as a function (`all_reduce_sum`), so the math st
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -75,53 +75,51 @@ def whiten_over_ranks(x: torch.Tensor, mask: torch.Tensor, all_reduce_sum: AllRe
     return masked_whiten(x, mask, shift_mean, stats=global_moments(x, mask, all_reduce_sum))
 
 
-def _row_log_softmax(row: torch.Tensor, temperature: float) -> torch.Tensor:
-    row = row.float()
-    if temperature != 1.0:
-        row = row / temperature
-    return torch.log_softmax(row, dim=-1)
-
-
 # The three functions below take the log-softmax one row (sequence) at a time, as TRL's selective_log_softmax does.
 # Over a whole batch it is a second tensor as large as the logits (1.9 GB for 16 rows of 190 tokens over Qwen2.5's
 # 151,936-token vocabulary); on the non-contiguous slice logits[:, :-1] that the trainers pass, torch's CPU kernel
 # took 9.7 s for those 16 rows on its first call and 1.6 s at best, against 0.9 s row by row, with identical values
 # (benchmarks/logprobs_rows.py, 2-core AMD EPYC). A row of such a slice is contiguous, and its log-softmax is small.
 
+def _row_log_softmaxes(logits: torch.Tensor, temperature: float) -> Iterator[torch.Tensor]:
+    for row in logits:
+        row = row.float()
+        if temperature != 1.0:
+            row = row / temperature
+        yield torch.log_softmax(row, dim=-1)
+
+
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    return -(logp.exp() * logp).sum(-1)
+
+
+def _stacked(rows: list[torch.Tensor], like: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The rows as one [B, T] float32 tensor (an empty batch too)."""
+    return torch.stack(rows) if rows else like.new_zeros(shape, dtype=torch.float32)
+
+
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / temperature) at `tokens`. logits [B, T, V], tokens [B, T] -> [B, T] (float32).
     Dividing by the sampling temperature makes these the log-probs of the distribution actually sampled from."""
-    if logits.shape[0] == 0:
-        return logits.new_zeros(tokens.shape, dtype=torch.float32)
-    return torch.stack([_row_log_softmax(row, temperature).gather(-1, t.unsqueeze(-1)).squeeze(-1)
-                        for row, t in zip(logits, tokens)])
+    return _stacked([logp.gather(-1, t.unsqueeze(-1)).squeeze(-1)
+                     for logp, t in zip(_row_log_softmaxes(logits, temperature), tokens)], logits, tokens.shape)
 
 
 def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> tuple[
         torch.Tensor, torch.Tensor]:
     """logprobs_from_logits (with its gradient) and, from the same log-softmax, entropy_from_logits (without one):
     one pass over the vocabulary instead of two."""
-    if logits.shape[0] == 0:
-        empty = logits.new_zeros(tokens.shape, dtype=torch.float32)
-        return empty, empty.clone()
     logps, entropies = [], []
-    for row, t in zip(logits, tokens):
-        logp = _row_log_softmax(row, temperature)
+    for logp, t in zip(_row_log_softmaxes(logits, temperature), tokens):
         with torch.no_grad():
-            entropies.append(-(logp.exp() * logp).sum(-1))
+            entropies.append(_entropy(logp))
         logps.append(logp.gather(-1, t.unsqueeze(-1)).squeeze(-1))
-    return torch.stack(logps), torch.stack(entropies)
+    return _stacked(logps, logits, tokens.shape), _stacked(entropies, logits, tokens.shape)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Entropy of softmax(logits / temperature) per position, [B, T]."""
-    if logits.shape[0] == 0:
-        return logits.new_zeros(logits.shape[:-1], dtype=torch.float32)
-    rows = []
-    for row in logits:
-        logp = _row_log_softmax(row, temperature)
-        rows.append(-(logp.exp() * logp).sum(-1))
-    return torch.stack(rows)
+    return _stacked([_entropy(logp) for logp in _row_log_softmaxes(logits, temperature)], logits, logits.shape[:-1])
 
 
 def response_mask(response: torch.Tensor, eos_ids: list[int] | torch.Tensor) -> torch.Tensor:
