@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, read_jsonl, run_tree
+from conftest import REPO, Started, read_jsonl
 from rlhf_ds.dist import free_port
 
 VENV_BIN = Path(sys.executable).parent
@@ -98,31 +98,38 @@ def rank_pid(out: Path, rank: int) -> int:
     raise AssertionError(f"no process for rank {rank}")
 
 
-@pytest.mark.parametrize("how", ["killed", "hung"])
-def test_a_lost_rank_is_named_and_the_others_stop_within_the_timeout(how, tiny_llama, tmp_path):
-    """Rank 1 is SIGKILLed (its socket closes) or SIGSTOPped (it hangs): rank 0, on another node's launcher that
-    knows nothing of it, must stop by itself within --dist_timeout (plus the diagnosis), naming rank 1."""
-    out = tmp_path / "rm"
+def test_a_lost_rank_is_named_and_the_others_stop_within_the_timeout(tiny_llama, tmp_path):
+    """Rank 1 is SIGKILLed (its socket closes) in one run and SIGSTOPped (it hangs) in another, the two runs going at
+    once: each rank 0, on another node's launcher that knows nothing of its rank 1, must stop by itself within
+    --dist_timeout (plus the diagnosis), naming rank 1."""
     timeout = 15
-    procs = two_torchrun_nodes(tiny_llama, out, 400, "--dist_timeout", str(timeout))
+    hows = {"killed": signal.SIGKILL, "hung": signal.SIGSTOP}
+    outs = {how: tmp_path / how for how in hows}
+    procs = {how: two_torchrun_nodes(tiny_llama, outs[how], 400, "--dist_timeout", str(timeout)) for how in hows}
+    victims, output0, took = {}, {}, {}
     try:
-        wait_for(lambda: (out / "metrics.jsonl").exists() and len(train_steps(out)) >= 3, 240, "step 3")
-        victim = rank_pid(out, 1)
+        for how, sig in hows.items():
+            wait_for(lambda: (outs[how] / "metrics.jsonl").exists() and len(train_steps(outs[how])) >= 3, 240,
+                     f"step 3 ({how})")
+            victims[how] = rank_pid(outs[how], 1)
         started = time.time()
-        os.kill(victim, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
-        output0 = procs[0].communicate(timeout=timeout + 60)[0]
-        took = time.time() - started
+        for how, sig in hows.items():
+            os.kill(victims[how], sig)
+        for how in hows:
+            output0[how] = procs[how][0].communicate(timeout=timeout + 60)[0]
+            took[how] = time.time() - started
     finally:
-        if how == "hung":  # torchrun put the worker in its own process group: kill it by pid
-            with contextlib.suppress(ProcessLookupError, NameError):
-                os.kill(victim, signal.SIGKILL)
-        outputs = finish(procs, timeout=30)
-    assert procs[0].returncode != 0
-    message = [line for line in output0.splitlines() if line.startswith("error: rank 0: lost rank 1")]
-    assert message, output0[-3000:]
-    assert f"pid {victim}" in message[0]
-    assert took < timeout + 30, took  # the timeout, plus a few seconds to find out which rank stopped beating
-    del outputs
+        # torchrun put the hung worker in its own process group: kill it by pid
+        with contextlib.suppress(ProcessLookupError, KeyError):
+            os.kill(victims["hung"], signal.SIGKILL)
+        for pair in procs.values():
+            finish(pair, timeout=30)
+    for how in hows:
+        assert procs[how][0].returncode != 0, how
+        message = [line for line in output0[how].splitlines() if line.startswith("error: rank 0: lost rank 1")]
+        assert message, how + "\n" + output0[how][-3000:]
+        assert f"pid {victims[how]}" in message[0], how
+        assert took[how] < timeout + 30, (how, took)  # the timeout, plus a few seconds to find which rank stopped
 
 
 # ---------------------------------------------------------------------------------------------- the two-host cluster
@@ -174,51 +181,68 @@ def on_host1(*cmd: str) -> list[str]:
             *cmd]
 
 
-def run(cmd, env, timeout=300) -> subprocess.CompletedProcess:
-    started = time.time()
-    proc = run_tree(cmd, timeout, env=env, cwd=REPO)
-    proc.seconds = time.time() - started
-    print(f"{' '.join(cmd[:12])} ... -> {proc.returncode} in {proc.seconds:.1f} s")
+def start(cmd, env, timeout=300) -> Started:
+    started = Started(cmd, timeout, env=env, cwd=REPO)
+    started.began = time.time()
+    return started
+
+
+def result(started: Started) -> subprocess.CompletedProcess:
+    proc = started.result()
+    proc.seconds = time.time() - started.began
+    print(f"{' '.join(started.cmd[:12])} ... -> {proc.returncode} in {proc.seconds:.1f} s")
     return proc
+
+
+def run(cmd, env, timeout=300) -> subprocess.CompletedProcess:
+    return result(start(cmd, env, timeout))
 
 
 def test_preflight_passes_on_good_hosts_and_names_the_host_and_fix_otherwise(cluster, tmp_path):
     py = str(VENV_BIN / "python")
-    base = ["--ssh_config", str(cluster["ssh_config"]), "--master_port", str(free_port())]
-    good = run(on_host1(py, "-m", "rlhf_ds.preflight", "--hostfile", str(cluster["hostfile"]), "--output_dir",
-                        str(tmp_path / "out"), *base), cluster["env"])
+    down_hosts, bad_syntax = tmp_path / "down-hostfile", tmp_path / "bad-hostfile"
+    down_hosts.write_text("host1 slots=1\nhost3 slots=1\n")  # host3 does not exist
+    bad_syntax.write_text("host1 slots=1\nhost2 slots=one\n")
+    # the three checks over ssh wait mostly on the network and the other host: started together
+    # (each with its own master port: the preflight checks that the port is free on the master host)
+    good, down, unshared = (start(on_host1(py, "-m", "rlhf_ds.preflight", *args, "--ssh_config",
+                                           str(cluster["ssh_config"]), "--master_port", str(free_port())),
+                                  cluster["env"]) for args in (
+        ["--hostfile", str(cluster["hostfile"]), "--output_dir", str(tmp_path / "out")],
+        ["--hostfile", str(down_hosts)],
+        ["--hostfile", str(cluster["hostfile"]), "--master_addr", "nowhere.invalid"]))
+    good, down, unshared = result(good), result(down), result(unshared)
+
     assert good.returncode == 0, good.stdout + good.stderr
     rows = {line.split()[0]: line for line in good.stdout.splitlines()[1:3]}
     assert set(rows) == {"host1", "host2"} and all(" ok " in r and r.rstrip().endswith("ok") for r in rows.values())
     assert "2 host(s) ready" in good.stdout
 
-    bad = tmp_path / "hostfile"
-    bad.write_text("host1 slots=1\nhost3 slots=1\n")  # host3 does not exist
-    down = run(on_host1(py, "-m", "rlhf_ds.preflight", "--hostfile", str(bad), *base), cluster["env"])
     assert down.returncode == 1 and "preflight: host3: not reachable by ssh" in down.stderr, down.stderr
     assert "Fix: passwordless ssh to host3" in down.stderr and "host1" not in down.stderr
 
-    bad.write_text("host1 slots=1\nhost2 slots=one\n")
-    syntax = run([py, "-m", "rlhf_ds.preflight", "--hostfile", str(bad)], cluster["env"])
-    assert syntax.returncode == 2 and f"{bad} line 2: 'host2 slots=one'" in syntax.stderr
-
-    unshared = run(on_host1(py, "-m", "rlhf_ds.preflight", "--hostfile", str(cluster["hostfile"]), "--master_addr",
-                            "nowhere.invalid", *base), cluster["env"])
     assert unshared.returncode == 1 and "master nowhere.invalid" in unshared.stderr and "unresolved" in unshared.stderr
 
+    syntax = run([py, "-m", "rlhf_ds.preflight", "--hostfile", str(bad_syntax)], cluster["env"])
+    assert syntax.returncode == 2 and f"{bad_syntax} line 2: 'host2 slots=one'" in syntax.stderr
 
-@pytest.mark.parametrize("launcher", ["pdsh", "openmpi"])
-def test_deepspeed_hostfile_run_over_two_hosts(launcher, cluster, tiny_llama, tmp_path):
-    out = tmp_path / "rm"
-    extra = ["--launcher", "openmpi"] if launcher == "openmpi" else []
-    proc = run(on_host1(str(VENV_BIN / "deepspeed"), *extra, "--hostfile", str(cluster["hostfile"]), "--no_ssh_check",
-                        "--master_addr", "host1", "--master_port", str(free_port()),
-                        str(REPO / "launch" / "train_rm.py"), *rm_flags(tiny_llama, out)), cluster["env"])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "2 rank(s)" in proc.stdout and train_steps(out) == [1, 2, 3, 4]
-    if launcher == "pdsh":  # pdsh prefixes each line with the host it came from: both hosts ran a rank
-        assert re.search(r"^host2: ", proc.stdout, re.M) and re.search(r"^host1: \[rlhf_ds\] step 4/4", proc.stdout,
-                                                                         re.M)
+
+def test_deepspeed_hostfile_runs_over_two_hosts_by_pdsh_and_by_openmpi(cluster, tiny_llama, tmp_path):
+    """The same 4-step run through each multi-node launcher, the two started together."""
+    started = {}
+    for launcher in ("pdsh", "openmpi"):
+        extra = ["--launcher", "openmpi"] if launcher == "openmpi" else []
+        started[launcher] = start(on_host1(
+            str(VENV_BIN / "deepspeed"), *extra, "--hostfile", str(cluster["hostfile"]), "--no_ssh_check",
+            "--master_addr", "host1", "--master_port", str(free_port()), str(REPO / "launch" / "train_rm.py"),
+            *rm_flags(tiny_llama, tmp_path / launcher)), cluster["env"])
+    done = {launcher: result(running) for launcher, running in started.items()}
+    for launcher, proc in done.items():
+        assert proc.returncode == 0, launcher + "\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "2 rank(s)" in proc.stdout and train_steps(tmp_path / launcher) == [1, 2, 3, 4], launcher
+    # pdsh prefixes each line with the host it came from: both hosts ran a rank
+    assert re.search(r"^host2: ", done["pdsh"].stdout, re.M)
+    assert re.search(r"^host1: \[rlhf_ds\] step 4/4", done["pdsh"].stdout, re.M)
 
 
 def job_state(job: str, env) -> str:
