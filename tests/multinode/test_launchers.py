@@ -165,7 +165,10 @@ def cluster(tmp_path_factory):
                "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
         # what the ranks on every host need: DeepSpeed forwards only PYTHON*/MLFLOW*/UCX* variables by itself
         ds_env = work / "deepspeed_env"
-        ds_env.write_text(f"PATH={env['PATH']}\nHF_HUB_OFFLINE=1\nHF_DATASETS_OFFLINE=1\n")
+        # (TORCH_EXTENSIONS_DIR too: without it each rank would build DeepSpeed's op again under ~/.cache, once per
+        # clone, 25-140 s with the ranks of both launchers waiting on one lock, instead of loading the suite's build)
+        ds_env.write_text(f"PATH={env['PATH']}\nHF_HUB_OFFLINE=1\nHF_DATASETS_OFFLINE=1\n"
+                          f"TORCH_EXTENSIONS_DIR={os.environ['TORCH_EXTENSIONS_DIR']}\n")
         env["DS_ENV_FILE"] = str(ds_env)
         hostfile = work / "hostfile"
         hostfile.write_text("# two hosts, one rank each\nhost1 slots=1\nhost2 slots=1\n")
