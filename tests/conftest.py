@@ -53,6 +53,21 @@ def no_leaked_shm_segments():
             segment.unlink(missing_ok=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def deepspeed_op_built_early():
+    """In a fresh clone the first distributed start builds DeepSpeed's CPU all-reduce op (about 25 s on one core) while
+    a test waits for it. Started here in the background, the build runs beside the in-process tests that come first;
+    a start that needs the op meanwhile waits on its lock (engines/ds_compat.guarded_op_build). With the op already
+    built this only loads it (a few seconds of the other core)."""
+    build = subprocess.Popen([sys.executable, "-c", "from rlhf_ds.engines.ds_compat import load_shm_op; load_shm_op()"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO, start_new_session=True)
+    yield
+    try:
+        build.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        build.kill()
+
+
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("artifacts")
