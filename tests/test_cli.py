@@ -3,9 +3,7 @@ flags a stage cannot use are refused instead of ignored, and the `rlhf-ds` conso
 import subprocess
 import sys
 
-import pytest
-
-from conftest import REPO, run_cli
+from conftest import REPO, run_clis
 from rlhf_ds.cli import COMMANDS, misplaced_launcher_flags
 
 
@@ -18,14 +16,15 @@ def test_launcher_flags_after_the_script_are_shown_in_the_right_order():
 
 
 def test_the_design_cards_spelling_gets_one_line_for_every_launch_script():
-    for script in ("train_ppo.py", "train_grpo.py", "train_sft.py", "export.py", "chat.py"):
-        proc = run_cli(script, "--num_gpus", "2", "--hostfile", "hosts", "--do_train")
-        assert proc.returncode == 2, proc.stderr
+    scripts = ("train_ppo.py", "train_grpo.py", "train_sft.py", "export.py", "chat.py")
+    procs = run_clis([(script, ["--num_gpus", "2", "--hostfile", "hosts", "--do_train"]) for script in scripts])
+    for script, proc in zip(scripts, procs):
+        assert proc.returncode == 2, (script, proc.stderr)
         assert f"deepspeed --num_gpus 2 --hostfile hosts launch/{script} --do_train" in proc.stderr
-        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, (script, proc.stderr)
 
 
-@pytest.mark.parametrize("script, args, message", [
+REFUSED_FLAGS = [
     ("train_ppo.py", ["--max_length", "128"], "--max_length is not used here: the online trainers use"),
     ("train_ppo.py", ["--gradient_checkpointing"], "--actor_gradient_checkpointing"),
     ("train_sft.py", ["--keep_ties"], "--keep_ties is not used here"),
@@ -33,14 +32,19 @@ def test_the_design_cards_spelling_gets_one_line_for_every_launch_script():
     ("train_grpo.py", ["--vf_coef", "0.5", "--reward_fn", "math"], "--vf_coef is not used by this run: "
                                                                     "--advantage_estimator grpo builds no critic"),
     ("train_grpo.py", ["--ref_zero_stage", "3", "--reward_fn", "math"], "the KL coefficient is 0"),
-])
-def test_flags_a_stage_cannot_use_are_refused(tiny_llama, tmp_path, script, args, message):
-    base = ["--model_name_or_path", str(tiny_llama), "--do_train", "--dataset", "gsm8k_test", "--max_samples", "16",
-            "--output_dir", str(tmp_path / "out")] if script != "eval_rm.py" else \
-        ["--reward_model", str(tmp_path), "--dataset", "comparison_gpt4_en"]
-    proc = run_cli(script, *base, *args)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+]
+
+
+def test_flags_a_stage_cannot_use_are_refused(tiny_llama, tmp_path):
+    runs = []
+    for i, (script, args, _) in enumerate(REFUSED_FLAGS):
+        base = ["--model_name_or_path", str(tiny_llama), "--do_train", "--dataset", "gsm8k_test", "--max_samples",
+                "16", "--output_dir", str(tmp_path / f"out{i}")] if script != "eval_rm.py" else \
+            ["--reward_model", str(tmp_path), "--dataset", "comparison_gpt4_en"]
+        runs.append((script, base + args))
+    for (script, args, message), proc in zip(REFUSED_FLAGS, run_clis(runs)):
+        assert proc.returncode == 2 and message in proc.stderr, (script, args, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr, (script, args)
 
 
 def test_the_console_script_lists_every_command_and_runs_one():

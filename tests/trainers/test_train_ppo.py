@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import check_ok, read_jsonl, run_cli
+from conftest import check_ok, read_jsonl, run_cli, run_clis
 
 STEP_KEYS = ("step", "reward", "reward_normalized", "kl", "kl_coef", "entropy", "response_length", "eos_rate",
              "policy_loss", "value_loss", "clipfrac", "approx_kl", "value_explained_variance", "time_generation",
@@ -164,10 +164,7 @@ def test_two_processes_zero3_actor_and_reference_zero2_critic_offloaded_frozen_m
     assert meta["kind"] == "value" and critic.score(ids, torch.ones_like(ids)).shape == (1,)
 
 
-@pytest.mark.parametrize("case", ["ckpt_missing", "ckpt_is_rm", "rm_missing", "tokenizer_mismatch", "context",
-                                  "gen_batch", "no_reward", "bad_reward_fn"])
-def test_bad_input_is_refused_before_any_engine_is_built(case, tiny_llama, tiny_gpt2, tiny_rm, tmp_path):
-    out = tmp_path / "out"
+def test_bad_input_is_refused_before_any_engine_is_built(tiny_llama, tiny_gpt2, tiny_rm, tmp_path):
     extra = {
         "ckpt_missing": ["--checkpoint_dir", str(tmp_path / "nope"), "--reward_fn", REWARD_FN],
         "ckpt_is_rm": ["--checkpoint_dir", str(tiny_rm), "--reward_fn", REWARD_FN],
@@ -177,25 +174,26 @@ def test_bad_input_is_refused_before_any_engine_is_built(case, tiny_llama, tiny_
         "gen_batch": ["--reward_fn", REWARD_FN, "--per_device_generation_batch_size", "3"],
         "no_reward": [],
         "bad_reward_fn": ["--reward_fn", "tests/reward_fns.py:missing"],
-    }[case]
+    }
     expected = {
         "ckpt_missing": "no such folder", "ckpt_is_rm": "is a reward/value model",
         "rm_missing": "no such folder", "tokenizer_mismatch": "different tokenizer",
         "context": "exceeds the model's context of 1024", "gen_batch": "must divide the rollout batch",
         "no_reward": "give the reward", "bad_reward_fn": "has no function 'missing'",
-    }[case]
-    model = tiny_llama
-    if case == "tokenizer_mismatch":  # a policy with another vocabulary than the reward model's
-        from rlhf_ds.models import tiny
+    }
+    from rlhf_ds.models import tiny
 
-        tok = tiny.train_tokenizer(tmp_path / "tok", vocab_size=1500)
-        model = tiny.make_model(tmp_path / "other", tmp_path / "tok", "llama")
-        assert len(tok) == 1500
-    args = ppo_args(model, out, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", *extra)
-    proc = run_cli("train_ppo.py", *args)
-    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert expected in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
-    assert "ZeRO-" not in proc.stdout  # no engine was built
+    # a policy with another vocabulary than the reward model's
+    tok = tiny.train_tokenizer(tmp_path / "tok", vocab_size=1500)
+    other = tiny.make_model(tmp_path / "other", tmp_path / "tok", "llama")
+    assert len(tok) == 1500
+    runs = [("train_ppo.py", ppo_args(other if case == "tokenizer_mismatch" else tiny_llama, tmp_path / case,
+                                      "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+                                      *extra[case])) for case in extra]
+    for case, proc in zip(extra, run_clis(runs)):  # independent refusals, two at a time
+        assert proc.returncode == 2, case + "\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert expected[case] in proc.stderr and "Traceback" not in proc.stderr + proc.stdout, case
+        assert "ZeRO-" not in proc.stdout, case  # no engine was built
 
 
 def test_fused_experience_trains_exactly_like_separate_forwards(tiny_llama, tiny_rm, tmp_path):
