@@ -257,13 +257,13 @@ def check_length_debias(value: str) -> None:
 class RewardArguments:
     """How the reward-model stage keeps answer length from doing the judging (docs/reward-length.md)."""
 
-    length_debias: str = field(default="none", metadata={
-        "help": "none; odin (a second head absorbs length, decorrelated from the reward PPO reads); balanced (pairs "
-                "weighted so that chosen-shorter and chosen-longer pairs count alike); regress (the part of the "
-                "score that answer length predicts is taken off, stored with the model); length_negatives (good "
-                "answers padded with repeated or unrelated text added as rejected answers). regress composes with "
-                "another method: length_negatives+regress trains with padded pairs, then takes off what length "
-                "still predicts."})
+    length_debias: str = field(default="length_negatives+regress", metadata={
+        "help": "length_negatives+regress (the default, chosen by measurement: docs/length-bias.md): good answers "
+                "padded with repeated or unrelated text are added as rejected answers, then the part of the score "
+                "that answer length still predicts is taken off and stored with the model. Or one method alone: "
+                "none (the plain Bradley-Terry RM); odin (a second head absorbs length, decorrelated from the "
+                "reward PPO reads); balanced (pairs weighted so that chosen-shorter and chosen-longer pairs count "
+                "alike); regress; length_negatives. regress composes with one other method with +."})
     odin_coef: float = field(default=1.0, metadata={"help": "odin: the weight of the correlation and "
                                                             "orthogonality terms."})
     negatives_share: float = field(default=1.0, metadata={"help": "length_negatives: padded pairs added, as a "

@@ -31,19 +31,22 @@ DEFAULT_RECIPE_MODEL = "qwen2.5-coder-0.5b-instruct"
 # and per precision: where the processor has no native bf16 the stages run in fp32, about twice as slow per token,
 # so the fp32 profile trains on less and makes one PPO update per rollout (which also fuses the old log-probs into
 # the first training forward). Qwen2.5-Coder-0.5B reads Chinese and its answers can be judged by eye, but each step
-# costs 2.5-3x SmolLM2's.
-_DPO_GRPO = dict(dpo_pairs=64, dpo_eval=32, dpo_epochs=1, judge_prompts=16, grpo_steps=20, grpo_prompts=4,
+# costs 2.5-3x SmolLM2's. The reward model trains debiased (train_rm.py's default: as many padded pairs as real
+# ones, then the length correction), so it gets fewer real pairs to stay in time, and is scored on the first rm_eval
+# pairs of comparison_gpt4_zh_heldout: the first 44 hold 22 where the better answer is the shorter one, enough for
+# the report to read a verdict from (it needs 20).
+_DPO_GRPO = dict(dpo_pairs=32, dpo_eval=32, dpo_epochs=1, judge_prompts=16, grpo_steps=20, grpo_prompts=4,
                  grpo_samples=4, grpo_max_new_tokens=32)
 PROFILES: dict[str, dict[str, dict[str, float]]] = {
     "qwen2.5-coder-0.5b-instruct": {
-        "bf16": dict(sft_examples=96, sft_eval=16, rm_pairs=100, rm_eval=20, ppo_steps=8, ppo_eval_prompts=8,
+        "bf16": dict(sft_examples=96, sft_eval=16, rm_pairs=64, rm_eval=44, ppo_steps=8, ppo_eval_prompts=8,
                      ppo_epochs=2, max_length=256, **_DPO_GRPO),
-        "fp32": dict(sft_examples=80, sft_eval=16, rm_pairs=80, rm_eval=16, ppo_steps=8, ppo_eval_prompts=8,
-                     ppo_epochs=1, max_length=192, **{**_DPO_GRPO, "dpo_pairs": 48, "grpo_steps": 12})},
+        "fp32": dict(sft_examples=80, sft_eval=16, rm_pairs=32, rm_eval=44, ppo_steps=8, ppo_eval_prompts=8,
+                     ppo_epochs=1, max_length=192, **{**_DPO_GRPO, "dpo_pairs": 16, "grpo_steps": 12})},
     "smollm2-135m-instruct": {
-        "bf16": dict(sft_examples=256, sft_eval=32, rm_pairs=300, rm_eval=60, ppo_steps=16, ppo_eval_prompts=16,
+        "bf16": dict(sft_examples=256, sft_eval=32, rm_pairs=240, rm_eval=60, ppo_steps=16, ppo_eval_prompts=16,
                      ppo_epochs=2, max_length=256, **_DPO_GRPO),
-        "fp32": dict(sft_examples=160, sft_eval=32, rm_pairs=200, rm_eval=40, ppo_steps=12, ppo_eval_prompts=16,
+        "fp32": dict(sft_examples=160, sft_eval=32, rm_pairs=160, rm_eval=40, ppo_steps=12, ppo_eval_prompts=16,
                      ppo_epochs=1, max_length=192, **_DPO_GRPO)},
 }
 DEFAULT_PROFILE = PROFILES[DEFAULT_RECIPE_MODEL]
@@ -74,23 +77,32 @@ class RecipeArguments:
                                                               "--nproc_per_node N'."})
     overwrite: bool = field(default=False, metadata={"help": "Redo stages that finished earlier."})
     sft_dataset: str = "alpaca_gpt4_zh"
-    rm_dataset: str = "comparison_gpt4_zh"
+    rm_dataset: str = field(default="comparison_gpt4_zh_train", metadata={
+        "help": "Comparison pairs the reward model (and DPO) train on: by default the shipped Chinese pairs without "
+                "the held-out ones (data/NOTICE.md)."})
+    rm_eval_dataset: str = field(default="comparison_gpt4_zh_heldout", metadata={
+        "help": "Pairs the reward model (and DPO) are scored on, never trained on: by default half of them are "
+                "pairs where the better answer is the shorter one, so the report can say whether the RM judges "
+                "more than length (docs/length-bias.md)."})
     sft_examples: int | None = field(default=None, metadata={"help": "Instruction records for SFT (the rest are "
                                                                      "PPO's); default from the model's profile."})
     sft_eval: int | None = field(default=None, metadata={"help": "Of those, held out for perplexity."})
     sft_epochs: float = 1.0
     sft_learning_rate: float = 2e-4
-    rm_pairs: int | None = field(default=None, metadata={"help": "Comparison records for the reward model."})
-    rm_eval: int | None = field(default=None, metadata={"help": "Of those, held out for accuracy."})
+    rm_pairs: int | None = field(default=None, metadata={"help": "Comparison records the reward model trains on."})
+    rm_eval: int | None = field(default=None, metadata={"help": "Pairs of --rm_eval_dataset it is scored on (the "
+                                                                "first ones)."})
     rm_learning_rate: float = 2e-4
     ppo_steps: int | None = None
     ppo_eval_prompts: int | None = None
     ppo_learning_rate: float = 2e-4
     ppo_epochs: int | None = None
-    rm_length_debias: str = field(default="none", metadata={"help": "The reward model's --length_debias."})
-    dpo_pairs: int | None = field(default=None, metadata={"help": "Comparison records for DPO (the first ones)."})
-    dpo_eval: int | None = field(default=None, metadata={"help": "Of those, held out for the implicit reward's "
-                                                                 "accuracy."})
+    rm_length_debias: str = field(default="length_negatives+regress", metadata={
+        "help": "The reward model's --length_debias (none for the plain RM)."})
+    dpo_pairs: int | None = field(default=None, metadata={"help": "Comparison records DPO trains on (the first "
+                                                                  "ones)."})
+    dpo_eval: int | None = field(default=None, metadata={"help": "Pairs of --rm_eval_dataset its implicit reward "
+                                                                 "is scored on."})
     dpo_epochs: float | None = None
     dpo_learning_rate: float = 1e-4
     dpo_beta: float = 0.1
@@ -168,7 +180,8 @@ def stage_commands(args: RecipeArguments, out: Path, sft_file: Path, ppo_file: P
                 "--num_train_epochs", str(args.sft_epochs), "--learning_rate", str(args.sft_learning_rate),
                 "--max_length", str(args.max_length), "--warmup_ratio", "0.05", *shlex.split(args.sft_args)],
         "rm": [*common, "--plot_loss", "--dataset", args.rm_dataset, "--max_samples", str(args.rm_pairs),
-               "--output_dir", str(out / "rm"), "--do_eval", "--val_size", str(args.rm_eval),
+               "--output_dir", str(out / "rm"), "--do_eval", "--eval_dataset", args.rm_eval_dataset,
+               "--max_eval_samples", str(args.rm_eval),
                "--num_train_epochs", "1", "--learning_rate", str(args.rm_learning_rate),
                "--max_length", str(args.max_length), "--warmup_ratio", "0.05",
                "--length_debias", args.rm_length_debias, *shlex.split(args.rm_args)],
@@ -181,7 +194,8 @@ def stage_commands(args: RecipeArguments, out: Path, sft_file: Path, ppo_file: P
                 *shlex.split(args.ppo_args)],
         "dpo": [*common, "--plot_loss", "--dataset", args.rm_dataset, "--max_samples", str(args.dpo_pairs),
                 "--sft_model", str(out / "sft"), "--output_dir", str(out / "dpo"), "--do_eval",
-                "--val_size", str(args.dpo_eval), "--num_train_epochs", str(args.dpo_epochs),
+                "--eval_dataset", args.rm_eval_dataset, "--max_eval_samples", str(args.dpo_eval),
+                "--num_train_epochs", str(args.dpo_epochs),
                 "--learning_rate", str(args.dpo_learning_rate), "--beta", str(args.dpo_beta),
                 "--max_length", str(args.max_length), "--warmup_ratio", "0.05", *shlex.split(args.dpo_args)],
         "judge": ["--policy", f"sft={out / 'sft'}", "--policy", f"dpo={out / 'dpo'}", "--reward_model",

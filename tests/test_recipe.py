@@ -32,6 +32,13 @@ def test_recipe_runs_end_to_end_then_exports_and_reloads(tiny_llama, tmp_path):
     ppo_prompts = {r["instruction"] for r in __import__("json").loads((out / "data" / "ppo_prompts.json").read_text())}
     assert not sft_prompts & ppo_prompts  # PPO prompts are held out from SFT
 
+    # The RM trains debiased on the pairs without the held-out ones, and is scored on held-out pairs where the better
+    # answer is sometimes the shorter one.
+    rm_args = __import__("json").loads((out / "rm" / "training_args.json").read_text())
+    assert rm_args["length_debias"] == "length_negatives+regress" and rm_args["negatives_share"] == 1.0
+    assert rm_args["dataset"] == "comparison_gpt4_zh_train"
+    rm_eval = __import__("json").loads((out / "rm" / "eval_results.json").read_text())
+    assert rm_eval["eval_samples"] == 8 and rm_eval["eval_chosen_shorter_pairs"] >= 2
     state = __import__("json").loads((out / "recipe.json").read_text())
     assert state["profile"] in ("bf16", "fp32") and all(0.1 < state["peak_memory_gib"][s] < 24 for s in ("sft", "rm",
                                                                                                           "ppo"))

@@ -70,10 +70,12 @@ def test_shipped_files_match_their_notice():
 def test_the_length_controlled_split_is_rebuilt_byte_for_byte_and_keeps_chosen_shorter_pairs_out_of_training():
     from rlhf_ds.data import splits
 
+    notice = (Path(DEFAULT_DATASET_DIR) / "NOTICE.md").read_text(encoding="utf-8")
     built = splits.build(DEFAULT_DATASET_DIR)
     for name, records in built.items():
-        shipped = json.loads((Path(DEFAULT_DATASET_DIR) / name).read_text(encoding="utf-8"))
-        assert shipped == records, name
+        shipped = (Path(DEFAULT_DATASET_DIR) / name).read_bytes()
+        assert json.loads(shipped) == records, name
+        assert hashlib.sha256(shipped).hexdigest() in notice, name
     held = built[splits.HELDOUT]
     assert len(held) == 448 and sum(splits.chosen_shorter(r) for r in held) == 224
     for lang in ("en", "zh"):
@@ -81,6 +83,7 @@ def test_the_length_controlled_split_is_rebuilt_byte_for_byte_and_keeps_chosen_s
         assert not any(splits.chosen_shorter(r) for r in train)
         keys = {(r["instruction"], r["output"][0]) for r in train}
         assert not keys & {(r["instruction"], r["output"][0]) for r in held if r["language"] == lang}
+        assert built[splits.HELDOUT_OF.format(lang=lang)] == [r for r in held if r["language"] == lang]
 
 
 def test_the_arithmetic_problems_are_rebuilt_byte_for_byte_match_their_notice_and_keep_test_out_of_training(tmp_path):

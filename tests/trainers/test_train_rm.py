@@ -10,13 +10,14 @@ from conftest import check_ok, copy_run, read_jsonl, run_cli, write_json, zero3_
 
 
 def test_reward_model_learns_on_shipped_english_pairs(tiny_llama, tmp_path):
+    """The plain Bradley-Terry RM (--length_debias none): on these pairs it learns, and mostly learns length."""
     out = tmp_path / "rm"
     check_ok(run_cli(
         "train_rm.py", "--model_name_or_path", str(tiny_llama), "--do_train", "--do_eval", "--val_size", "0.1",
         "--dataset", "comparison_gpt4_en", "--finetuning_type", "full", "--output_dir", str(out),
         "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--num_train_epochs", "1",
         "--lr_scheduler_type", "cosine", "--logging_steps", "1", "--max_length", "192", "--plot_loss",
-        "--disable_tqdm"))
+        "--disable_tqdm", "--length_debias", "none"))
     losses = [row["loss"] for row in read_jsonl(out / "metrics.jsonl") if row["kind"] == "train"]
     assert len(losses) == 985 // 8
     start, end = losses[0], sum(losses[-30:]) / 30  # the first step is logged before any update
@@ -108,8 +109,8 @@ def test_bad_input_is_one_clear_line_and_nothing_is_left_that_looks_finished(tin
     elif case == "bad_record":
         write_json(data, [{"instruction": "q", "input": "", "output": ["a", "b"]}] * 2 +
                    [{"instruction": "q", "input": "", "output": ["a"]}])
-    elif case == "too_few":
-        args += ["--gradient_accumulation_steps", "4"]
+    elif case == "too_few":  # 6 pairs and as many padded ones (--length_debias's default) against 16 a step
+        args += ["--gradient_accumulation_steps", "8"]
     elif case == "unknown_dataset":
         args[args.index(str(data))] = "comparison_gpt3_zh"
     else:
