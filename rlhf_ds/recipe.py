@@ -41,7 +41,7 @@ PROFILES: dict[str, dict[str, dict[str, float]]] = {
     "qwen2.5-coder-0.5b-instruct": {
         "bf16": dict(sft_examples=96, sft_eval=16, rm_pairs=64, rm_eval=44, ppo_steps=8, ppo_eval_prompts=8,
                      ppo_epochs=2, max_length=256, **_DPO_GRPO),
-        "fp32": dict(sft_examples=80, sft_eval=16, rm_pairs=32, rm_eval=44, ppo_steps=8, ppo_eval_prompts=8,
+        "fp32": dict(sft_examples=80, sft_eval=16, rm_pairs=24, rm_eval=44, ppo_steps=8, ppo_eval_prompts=8,
                      ppo_epochs=1, max_length=192, **{**_DPO_GRPO, "dpo_pairs": 16, "grpo_steps": 12})},
     "smollm2-135m-instruct": {
         "bf16": dict(sft_examples=256, sft_eval=32, rm_pairs=240, rm_eval=60, ppo_steps=16, ppo_eval_prompts=16,
