@@ -39,7 +39,7 @@ _DPO_GRPO = dict(dpo_pairs=32, dpo_eval=32, dpo_epochs=1, judge_prompts=16, grpo
                  grpo_samples=4, grpo_max_new_tokens=32)
 PROFILES: dict[str, dict[str, dict[str, float]]] = {
     "qwen2.5-coder-0.5b-instruct": {
-        "bf16": dict(sft_examples=96, sft_eval=16, rm_pairs=64, rm_eval=44, ppo_steps=8, ppo_eval_prompts=8,
+        "bf16": dict(sft_examples=96, sft_eval=16, rm_pairs=48, rm_eval=44, ppo_steps=8, ppo_eval_prompts=8,
                      ppo_epochs=2, max_length=256, **_DPO_GRPO),
         "fp32": dict(sft_examples=80, sft_eval=16, rm_pairs=24, rm_eval=44, ppo_steps=8, ppo_eval_prompts=8,
                      ppo_epochs=1, max_length=192, **{**_DPO_GRPO, "dpo_pairs": 16, "grpo_steps": 12})},

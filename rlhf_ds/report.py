@@ -169,7 +169,9 @@ def online_section(run: Path, stage: str) -> Section:
             line += (f"; the win rate against the reference answers went {first['eval_win_rate']:.1%} -> "
                      f"{last['eval_win_rate']:.1%}")
         s.verdicts.append(line + ".")
-        s.verdicts.append(length_verdict(name, first.get("eval_response_length"), last.get("eval_response_length")))
+        rule = not _json(run / stage / "training_args.json").get("reward_model")
+        s.verdicts.append(length_verdict(name, first.get("eval_response_length"), last.get("eval_response_length"),
+                                         reward_rose=ra > rb, rule_reward=rule))
     if len(train) >= 4:
         k = max(1, len(train) // 4)
         early = sum(r["reward"] for r in train[:k]) / k
@@ -188,13 +190,25 @@ def online_section(run: Path, stage: str) -> Section:
     return s
 
 
-def length_verdict(name: str, before: float | None, after: float | None) -> str:
+def length_verdict(name: str, before: float | None, after: float | None, reward_rose: bool | None = None,
+                   rule_reward: bool = False) -> str:
+    """The answer lengths before and after, and whether the reward rose without them rising past
+    LENGTH_GROWTH_FLAG. A learnt judge can be paid in length (docs/length-bias.md); a rule reward (math, format)
+    pays nothing for it, so there growth is the way the policy found to earn the rule's reward."""
     growth = _growth(before, after)
     if growth is None:
         return f"{name}: no answer lengths recorded."
-    flag = (" — longer answers buy reward from a judge that likes length; see docs/length-bias.md"
-            if growth > LENGTH_GROWTH_FLAG else "")
-    return f"{name} answers went from {before:.1f} to {after:.1f} tokens ({growth:+.0%}){flag}."
+    line = f"{name} answers went from {before:.1f} to {after:.1f} tokens ({growth:+.0%})"
+    grew = growth > LENGTH_GROWTH_FLAG
+    if reward_rose is not None:
+        line += (": the reward rose without the answers growing" if reward_rose and not grew else
+                 ": the reward rose with the answers growing" if reward_rose else ": the reward did not rise")
+        line += f" (more than {LENGTH_GROWTH_FLAG:.0%} counts as growing)"
+    if grew:
+        line += (" — the rule reward does not pay for length, so this is how the policy earned it; "
+                 "--length_penalty or --overlong_buffer bound it" if rule_reward else
+                 " — longer answers buy reward from a judge that likes length; see docs/length-bias.md")
+    return line + "."
 
 
 def side_by_side_from_samples(samples: list[dict], stage: str) -> list[str]:
@@ -241,7 +255,8 @@ def judge_section(run: Path) -> Section:
                    (f"{name} vs {base}: answer length (tokens)", b["mean_length"], p["mean_length"])]
         s.verdicts.append(f"Judged by the reward model on {result['prompts']} held-out prompts, {name} beats {base} "
                           f"{p['win_rate_vs_first']:.1%} of the time (ties count half).")
-        s.verdicts.append(length_verdict(name.upper(), b["mean_length"], p["mean_length"]))
+        s.verdicts.append(length_verdict(name.upper(), b["mean_length"], p["mean_length"],
+                                         reward_rose=p["mean_reward"] > b["mean_reward"]))
     names = list(policies)
     s.text += [f"## {' and '.join(names)} answers to the same held-out prompts", "",
                "Greedy answers; rewards by the reward model in brackets.", "",

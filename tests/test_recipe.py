@@ -23,6 +23,8 @@ def test_recipe_runs_end_to_end_then_exports_and_reloads(tiny_llama, tmp_path):
     report = (out / "report.md").read_text()
     assert "Precision that ran: SFT " in report
     assert "where the better answer is the shorter one" in report and "PPO answers went from " in report
+    length_line = report.split("PPO answers went from ")[1].splitlines()[0]
+    assert "the reward rose" in length_line or "the reward did not rise" in length_line
     for section in ("## Headline figures", "## Did it work?", "## Curves",
                     "## Answers to the same held-out prompts before and after PPO"):
         assert section in report
