@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""The recipe's reward models side by side on Chinese held-out pairs that none of them trained on.
+"""Reward models side by side on Chinese held-out pairs that none of them trained on or was scored on by the recipe.
 
-The recipe's RM used to train on the first comparison_gpt4_zh records; the first 16 pairs of
-comparison_gpt4_zh_heldout come from those records, so they are skipped here and the next --pairs are scored by
-each RM with eval_rm.py (its stored length correction applied, as PPO reads it). Writes OUT/results.jsonl (one line
-per RM, with the commit, the processor and the precision) and prints a markdown table.
+The recipe's RM trains on comparison_gpt4_zh_train and is scored on the first 44 pairs of
+comparison_gpt4_zh_heldout; this scores each RM given (e.g. the recipe's and a plain one trained with the same
+command and `--length_debias none`) on the next --pairs of that file with eval_rm.py, its stored length correction
+applied as PPO reads it. Writes OUT/results.jsonl (one line per RM, with the commit, the processor and the
+precision) and prints a markdown table.
 
-    python benchmarks/recipe_rm_heldout.py --rm none=old/recipe/rm --rm length_negatives+regress=output/recipe/rm \\
+    python benchmarks/recipe_rm_heldout.py --rm none=out/rm_plain --rm length_negatives+regress=output/recipe/rm \\
         --out output/recipe_rm_heldout
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SKIP = 16  # comparison_gpt4_zh_heldout's first pairs: among the first 80 comparison_gpt4_zh records
+SKIP = 44  # comparison_gpt4_zh_heldout's first pairs: the recipe scores its RM on them (rm_eval)
 FIGURES = ("eval_accuracy", "eval_length_baseline_accuracy", "eval_accuracy_chosen_shorter",
            "eval_accuracy_chosen_longer", "eval_length_balanced_accuracy", "eval_score_length_correlation",
            "eval_chosen_shorter_pairs", "eval_samples")
@@ -33,7 +34,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rm", action="append", required=True, help="NAME=DIR of a train_rm.py output (repeatable)")
     p.add_argument("--pairs", type=int, default=96)
-    p.add_argument("--max_length", type=int, default=192, help="the recipe's (fp32 profile)")
+    p.add_argument("--max_length", type=int, default=256, help="the recipe's (bf16 profile; fp32: 192)")
     p.add_argument("--out", default="output/recipe_rm_heldout")
     args = p.parse_args()
     out = Path(args.out)
