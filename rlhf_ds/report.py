@@ -201,9 +201,9 @@ def length_verdict(name: str, before: float | None, after: float | None, reward_
     line = f"{name} answers went from {before:.1f} to {after:.1f} tokens ({growth:+.0%})"
     grew = growth > LENGTH_GROWTH_FLAG
     if reward_rose is not None:
-        line += (": the reward rose without the answers growing" if reward_rose and not grew else
+        line += (f": the reward rose without the answers growing (by more than {LENGTH_GROWTH_FLAG:.0%})"
+                 if reward_rose and not grew else
                  ": the reward rose with the answers growing" if reward_rose else ": the reward did not rise")
-        line += f" (more than {LENGTH_GROWTH_FLAG:.0%} counts as growing)"
     if grew:
         line += (" — the rule reward does not pay for length, so this is how the policy earned it; "
                  "--length_penalty or --overlong_buffer bound it" if rule_reward else
