@@ -203,19 +203,56 @@ def run_cli(script: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
     return start_cli(script, *args, **kwargs).result()
 
 
-def run_clis(runs: list[tuple[str, list[str]]], at_once: int = 2, **kwargs) -> list[subprocess.CompletedProcess]:
-    """Several independent starts of launch/<script> (script, args), `at_once` at a time, their results in order. For
-    starts that refuse their input, nearly all the time is one core importing; two at once use both cores. (More at
-    once gains nothing on 2 cores, and starts that train slow each other down.)"""
-    results: list[subprocess.CompletedProcess | None] = [None] * len(runs)
-    waiting, running = list(enumerate(runs)), []
-    while waiting or running:
-        while waiting and len(running) < at_once:
-            index, (script, args) = waiting.pop(0)
-            running.append((index, start_cli(script, *args, **kwargs)))
-        index, started = running.pop(0)
-        results[index] = started.result()
-    return results
+class ForkServer:
+    """`python launch/<script> ARGS` for runs that end in a second or two (refusals of bad input, mostly), forked from
+    one process that has imported every stage (tests/workers/forkserver.py): each run skips the 3.5 s of imports a
+    fresh interpreter spends. Runs that train, launch ranks or test start-up itself use start_cli/run_cli."""
+
+    def __init__(self):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+            env.pop(key, None)
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "workers" / "forkserver.py")],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                     cwd=str(REPO), start_new_session=True)
+        self.ready = False
+
+    def run_many(self, runs: list[tuple[str, list[str]]], at_once: int = 2, env: dict | None = None,
+                 timeout: int = 120) -> list[subprocess.CompletedProcess]:
+        """Each (script, args) run to its end, `at_once` at a time (independent runs that refuse their input use both
+        cores), the results in order, as subprocess.run(capture_output=True, text=True) gives them."""
+        if not self.ready:
+            assert json.loads(self.proc.stdout.readline()) == "ready", "the fork server did not start"
+            self.ready = True
+        with tempfile.TemporaryDirectory() as tmp:
+            requests = [{"script": str(REPO / "launch" / script), "args": [str(a) for a in args],
+                         "stdout": f"{tmp}/{i}.out", "stderr": f"{tmp}/{i}.err", "env": env or {},
+                         "timeout": timeout} for i, (script, args) in enumerate(runs)]
+            self.proc.stdin.write(json.dumps({"runs": requests, "at_once": at_once}) + "\n")
+            self.proc.stdin.flush()
+            codes = json.loads(self.proc.stdout.readline())
+            return [subprocess.CompletedProcess([sys.executable, r["script"], *r["args"]], code,
+                                                Path(r["stdout"]).read_text(errors="replace"),
+                                                Path(r["stderr"]).read_text(errors="replace"))
+                    for r, code in zip(requests, codes)]
+
+    def run(self, script: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
+        return self.run_many([(script, list(args))], **kwargs)[0]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def forked_cli():
+    """Started with the session, so that its imports (6 s of one core) are done before the first test needs it."""
+    server = ForkServer()
+    yield server
+    server.close()
 
 
 def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

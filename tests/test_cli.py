@@ -3,7 +3,7 @@ flags a stage cannot use are refused instead of ignored, and the `rlhf-ds` conso
 import subprocess
 import sys
 
-from conftest import REPO, run_clis
+from conftest import REPO
 from rlhf_ds.cli import COMMANDS, misplaced_launcher_flags
 
 
@@ -15,9 +15,10 @@ def test_launcher_flags_after_the_script_are_shown_in_the_right_order():
     assert misplaced_launcher_flags(["--do_train", "--output_dir", "o"], "launch/train_rm.py") is None
 
 
-def test_the_design_cards_spelling_gets_one_line_for_every_launch_script():
+def test_the_design_cards_spelling_gets_one_line_for_every_launch_script(forked_cli):
     scripts = ("train_ppo.py", "train_grpo.py", "train_sft.py", "export.py", "chat.py")
-    procs = run_clis([(script, ["--num_gpus", "2", "--hostfile", "hosts", "--do_train"]) for script in scripts])
+    procs = forked_cli.run_many([(script, ["--num_gpus", "2", "--hostfile", "hosts", "--do_train"])
+                                 for script in scripts])
     for script, proc in zip(scripts, procs):
         assert proc.returncode == 2, (script, proc.stderr)
         assert f"deepspeed --num_gpus 2 --hostfile hosts launch/{script} --do_train" in proc.stderr
@@ -35,21 +36,24 @@ REFUSED_FLAGS = [
 ]
 
 
-def test_flags_a_stage_cannot_use_are_refused(tiny_llama, tmp_path):
+def test_flags_a_stage_cannot_use_are_refused(tiny_llama, forked_cli, tmp_path):
     runs = []
     for i, (script, args, _) in enumerate(REFUSED_FLAGS):
         base = ["--model_name_or_path", str(tiny_llama), "--do_train", "--dataset", "gsm8k_test", "--max_samples",
                 "16", "--output_dir", str(tmp_path / f"out{i}")] if script != "eval_rm.py" else \
             ["--reward_model", str(tmp_path), "--dataset", "comparison_gpt4_en"]
         runs.append((script, base + args))
-    for (script, args, message), proc in zip(REFUSED_FLAGS, run_clis(runs)):
+    for (script, args, message), proc in zip(REFUSED_FLAGS, forked_cli.run_many(runs)):
         assert proc.returncode == 2 and message in proc.stderr, (script, args, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr, (script, args)
 
 
-def test_the_console_script_lists_every_command_and_runs_one():
-    proc = subprocess.run([sys.executable, "-m", "rlhf_ds.cli", "--help"], capture_output=True, text=True)
-    assert proc.returncode == 0 and all(name in proc.stdout for name in COMMANDS)
+def test_the_console_script_lists_every_command_and_runs_one(capsys):
+    from rlhf_ds.cli import main
+
+    main(["--help"])
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in COMMANDS)
     proc = subprocess.run([sys.executable, "-m", "rlhf_ds.cli", "train-ppo", "--help"], capture_output=True,
                           text=True)
     assert proc.returncode == 0 and "--advantage_estimator" in proc.stdout and "--sft_model" in proc.stdout

@@ -31,7 +31,7 @@ def test_a_requeued_job_with_overwrite_output_dir_resumes_instead_of_deleting_it
     assert_same_run(straight, out, COMPARED["rm"], ["adapter_model.safetensors", "value_head.safetensors"])
 
 
-def test_a_tampered_checkpoint_is_refused_and_runs_no_code(tiny_llama, rm_killed, tmp_path):
+def test_a_tampered_checkpoint_is_refused_and_runs_no_code(tiny_llama, rm_killed, forked_cli, tmp_path):
     out = copy_run(rm_killed, tmp_path / "run")
     step = latest_checkpoint(out)
     canary = tmp_path / "pwned"
@@ -42,7 +42,7 @@ def test_a_tampered_checkpoint_is_refused_and_runs_no_code(tiny_llama, rm_killed
 
     rng = step / "rng" / "rank_0.pt"
     rng.write_bytes(pickle.dumps(Payload()))
-    proc = run_cli("train_rm.py", *rm_args(tiny_llama, out))
+    proc = forked_cli.run("train_rm.py", *rm_args(tiny_llama, out))
     assert proc.returncode == 2 and "1 file(s) differ from when it was saved (rng/rank_0.pt)" in proc.stderr
     assert not canary.exists() and "Traceback" not in proc.stderr
     # a writer who also rewrites the manifest still cannot run code: nothing is unpickled beyond plain data
@@ -51,7 +51,7 @@ def test_a_tampered_checkpoint_is_refused_and_runs_no_code(tiny_llama, rm_killed
     manifest = json.loads((step / MANIFEST).read_text())
     manifest["sha256"]["rng/rank_0.pt"] = hashlib.sha256(rng.read_bytes()).hexdigest()
     (step / MANIFEST).write_text(json.dumps(manifest))
-    proc = run_cli("train_rm.py", *rm_args(tiny_llama, out))
+    proc = forked_cli.run("train_rm.py", *rm_args(tiny_llama, out))
     assert proc.returncode == 2 and "rank_0.pt: holds objects a checkpoint should not" in proc.stderr, \
         proc.stderr[-2000:]
     assert "nothing in it ran" in proc.stderr and not canary.exists() and "Traceback" not in proc.stderr

@@ -5,10 +5,10 @@ import sys
 
 import torch
 
-from conftest import REPO, check_ok, run_cli, run_tree, start_cli
+from conftest import REPO, Started, check_ok, run_cli, run_tree, start_cli
 
 
-def test_recipe_runs_end_to_end_then_exports_and_reloads(tiny_llama, tmp_path):
+def test_recipe_runs_end_to_end_then_exports_and_reloads(tiny_llama, forked_cli, tmp_path):
     out = tmp_path / "recipe"
     args = ["--model", str(tiny_llama), "--output_dir", str(out), "--sft_examples", "48", "--sft_eval", "8",
             "--rm_pairs", "40", "--rm_eval", "8", "--ppo_steps", "2", "--ppo_eval_prompts", "4", "--max_length", "96",
@@ -48,7 +48,7 @@ def test_recipe_runs_end_to_end_then_exports_and_reloads(tiny_llama, tmp_path):
     assert again.stdout.count("finished earlier") == 3
 
     merged = tmp_path / "merged"
-    check_ok(run_cli("export.py", "--model_dir", str(out / "ppo"), "--output_dir", str(merged)))
+    check_ok(forked_cli.run("export.py", "--model_dir", str(out / "ppo"), "--output_dir", str(merged)))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(merged)
@@ -56,7 +56,8 @@ def test_recipe_runs_end_to_end_then_exports_and_reloads(tiny_llama, tmp_path):
     ids = tok("你好", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
-    chat = check_ok(run_cli("chat.py", "--model", str(out / "ppo"), "--prompt", "你好", "--max_new_tokens", "4"))
+    chat = check_ok(forked_cli.run("chat.py", "--model", str(out / "ppo"), "--prompt", "你好", "--max_new_tokens",
+                                   "4"))
     assert chat.stdout.strip()
 
 
@@ -97,10 +98,14 @@ def test_recipe_shell_scripts_run_under_python_and_the_deepspeed_launcher(tiny_l
             ("train_rm.sh", {"OUT": str(tmp_path / "rm"), "LAUNCHER": "deepspeed --num_gpus 2"}),
             ("train_ppo.sh", {"OUT": str(tmp_path / "ppo"), "SFT": str(tmp_path / "sft"), "RM": str(tmp_path / "rm"),
                               "EXTRA_ARGS": quick.replace("--max_length 64", "--max_new_tokens 4 --max_prompt_length 32")})]
-    for script, env in runs:
-        env = {**base_env, "EXTRA_ARGS": quick, **env}
-        proc = run_tree(["bash", str(REPO / "launch" / "recipe" / script)], timeout=300, env=env)
-        check_ok(proc)
+    started = [Started(["bash", str(REPO / "launch" / "recipe" / script)], 300, env={**base_env, "EXTRA_ARGS": quick,
+                                                                                    **env})
+               for script, env in runs[:2]]  # SFT and RM at once: neither needs the other
+    for run in started:
+        check_ok(run.result())
+    script, env = runs[2]
+    check_ok(run_tree(["bash", str(REPO / "launch" / "recipe" / script)], timeout=300,
+                      env={**base_env, "EXTRA_ARGS": quick, **env}))
     assert (tmp_path / "sft" / "adapter_config.json").exists() and (tmp_path / "rm" / "value_head.json").exists()
     assert (tmp_path / "ppo" / "actor_merged" / "config.json").exists()
 

@@ -74,7 +74,7 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint_usable(tiny_llama, rm
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["latest", "step-2", "step-4", "step-6"]
 
 
-def test_ppo_zero3_lora_two_processes_killed_and_resumed_exactly(tiny_llama, tmp_path):
+def test_ppo_zero3_lora_two_processes_killed_and_resumed_exactly(tiny_llama, forked_cli, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     uninterrupted = start_cli("train_ppo.py", *ppo_args(tiny_llama, straight), nproc=2, launcher="torchrun")
     proc = run_cli("train_ppo.py", *ppo_args(tiny_llama, killed), nproc=2, launcher="torchrun",
@@ -88,7 +88,7 @@ def test_ppo_zero3_lora_two_processes_killed_and_resumed_exactly(tiny_llama, tmp
                      "critic/adapter_model.safetensors", "critic/value_head.safetensors"])
     # any checkpoint exports to a plain folder (its LoRA adapter merged into the base model)
     exported = tmp_path / "exported"
-    check_ok(run_cli("export.py", "--model_dir", str(killed / "checkpoints" / "step-4"), "--output_dir",
+    check_ok(forked_cli.run("export.py", "--model_dir", str(killed / "checkpoints" / "step-4"), "--output_dir",
                      str(exported)))
     from transformers import AutoModelForCausalLM
 
@@ -170,13 +170,14 @@ def test_sigterm_saves_a_checkpoint_and_stops_every_rank(target, tiny_llama, tmp
 
 
 @pytest.mark.parametrize("change", ["model", "zero_stage", "world_size"])
-def test_incompatible_resumption_is_refused_with_what_differs(change, tiny_llama, tiny_gpt2, rm_killed, tmp_path):
+def test_incompatible_resumption_is_refused_with_what_differs(change, tiny_llama, tiny_gpt2, rm_killed, forked_cli,
+                                                              tmp_path):
     out = copy_run(rm_killed, tmp_path / "run")
     if change == "model":
-        proc = run_cli("train_rm.py", *rm_args(tiny_gpt2, out))
+        proc = forked_cli.run("train_rm.py", *rm_args(tiny_gpt2, out))
         expected = "model: checkpoint"
     elif change == "zero_stage":
-        proc = run_cli("train_rm.py", *rm_args(tiny_llama, out, "--zero_stage", "3"))
+        proc = forked_cli.run("train_rm.py", *rm_args(tiny_llama, out, "--zero_stage", "3"))
         expected = "zero_stage: checkpoint 2, now 3; pass --universal_checkpoint"
     else:
         proc = run_cli("train_rm.py", *rm_args(tiny_llama, out), nproc=2, launcher="torchrun")

@@ -583,7 +583,7 @@ def glm_sft(tiny_glm, tmp_path_factory) -> Path:
     return out
 
 
-def test_sft_export_and_chat_through_the_command_lines(glm_sft, tiny_glm, tmp_path):
+def test_sft_export_and_chat_through_the_command_lines(glm_sft, tiny_glm, forked_cli, tmp_path):
     rows = [r for r in read_jsonl(glm_sft / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
     results = json.loads((glm_sft / "eval_results.json").read_text())
@@ -593,14 +593,14 @@ def test_sft_export_and_chat_through_the_command_lines(glm_sft, tiny_glm, tmp_pa
     assert (glm_sft / "ice_text.model").exists()
 
     merged = tmp_path / "merged"
-    check_ok(run_cli("export.py", "--model_dir", str(glm_sft), "--output_dir", str(merged)))
+    check_ok(forked_cli.run("export.py", "--model_dir", str(glm_sft), "--output_dir", str(merged)))
     config = json.loads((merged / "config.json").read_text())
     assert config["model_type"] == "chatglm" and "auto_map" not in config
     model, base, tok = load_lm(merged), load_lm(tiny_glm), load_tok(merged)
     ids = torch.tensor([prompt_ids(tok, "你好")])
     with torch.no_grad():  # the trained adapter is in the merged weights
         assert (model(ids).logits - base(ids).logits).abs().max() > 1e-4
-    chat = check_ok(run_cli("chat.py", "--model", str(glm_sft), "--prompt", "你好", "--max_new_tokens", "4"))
+    chat = check_ok(forked_cli.run("chat.py", "--model", str(glm_sft), "--prompt", "你好", "--max_new_tokens", "4"))
     assert "Traceback" not in chat.stderr
 
 

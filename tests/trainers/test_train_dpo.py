@@ -45,9 +45,9 @@ def test_answer_log_probs_are_the_same_under_left_and_right_padding(tiny_llama):
     assert results["left"][0][0].item() == pytest.approx(want, abs=1e-4)
 
 
-def test_dpo_learns_reports_the_length_baseline_and_scores_pairs_in_eval_rm(tiny_llama, tmp_path):
+def test_dpo_learns_reports_the_length_baseline_and_scores_pairs_in_eval_rm(tiny_llama, forked_cli, tmp_path):
     out = tmp_path / "dpo"
-    proc = check_ok(run_cli("train_dpo.py", *dpo_args(
+    proc = check_ok(forked_cli.run("train_dpo.py", *dpo_args(
         tiny_llama, out, "--finetuning_type", "lora", "--lora_target", "q_proj,v_proj,down_proj,lm_head",
         "--learning_rate", "5e-3", "--num_train_epochs", "2", "--do_eval", "--val_size", "24", "--beta", "0.5")))
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
@@ -63,18 +63,18 @@ def test_dpo_learns_reports_the_length_baseline_and_scores_pairs_in_eval_rm(tiny
     meta = json.loads((out / "dpo.json").read_text())
     assert meta["loss_type"] == "sigmoid" and meta["beta"] == 0.5
     scored = tmp_path / "scored.json"
-    check_ok(run_cli("eval_rm.py", "--reward_model", str(out), "--dataset", "comparison_gpt4_en", "--max_samples",
-                     "120", "--max_length", "96", "--output_file", str(scored)))
+    check_ok(forked_cli.run("eval_rm.py", "--reward_model", str(out), "--dataset", "comparison_gpt4_en",
+                            "--max_samples", "120", "--max_length", "96", "--output_file", str(scored)))
     assert 0.5 < json.loads(scored.read_text())["eval_accuracy"] <= 1  # the implicit reward ranks held-in pairs
-    check_ok(run_cli("export.py", "--model_dir", str(out), "--output_dir", str(tmp_path / "merged")))
+    check_ok(forked_cli.run("export.py", "--model_dir", str(out), "--output_dir", str(tmp_path / "merged")))
     assert (tmp_path / "merged" / "config.json").is_file()
 
 
 @pytest.mark.parametrize("loss", ["simpo", "orpo", "ipo"])
-def test_the_other_losses_run_and_the_reference_free_ones_build_no_reference(tiny_llama, tmp_path, loss):
+def test_the_other_losses_run_and_the_reference_free_ones_build_no_reference(tiny_llama, forked_cli, tmp_path, loss):
     out = tmp_path / loss
-    proc = check_ok(run_cli("train_dpo.py", *dpo_args(tiny_llama, out, "--finetuning_type", "full", "--loss_type",
-                                                      loss, "--max_steps", "2")))
+    proc = check_ok(forked_cli.run("train_dpo.py", *dpo_args(tiny_llama, out, "--finetuning_type", "full",
+                                                             "--loss_type", loss, "--max_steps", "2")))
     assert ("reference ZeRO" in proc.stdout) == (loss == "ipo")  # full fine-tuning: a frozen copy for ipo only
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
     assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)

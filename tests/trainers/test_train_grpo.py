@@ -17,9 +17,9 @@ def train_rows(out):
     return [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
 
 
-def test_grpo_raises_a_rule_reward_with_the_actor_alone(tiny_llama, tmp_path):
+def test_grpo_raises_a_rule_reward_with_the_actor_alone(tiny_llama, forked_cli, tmp_path):
     out = tmp_path / "grpo"
-    proc = check_ok(run_cli("train_grpo.py", *grpo_args(
+    proc = check_ok(forked_cli.run("train_grpo.py", *grpo_args(
         tiny_llama, out, "--reward_fn", REWARD_FN, "--finetuning_type", "full", "--learning_rate", "1e-2",
         "--lr_scheduler_type", "constant", "--per_device_train_batch_size", "8", "--n_samples_per_prompt", "4",
         "--max_steps", "20", "--logging_steps", "5", "--cliprange_high", "0.28")))
@@ -37,9 +37,10 @@ def test_grpo_raises_a_rule_reward_with_the_actor_alone(tiny_llama, tmp_path):
 
 
 @pytest.mark.parametrize("estimator", ["rloo", "reinforce_pp_baseline"])
-def test_other_estimators_with_the_kl_in_the_loss_build_a_reference_and_log_its_kl(tiny_llama, tmp_path, estimator):
+def test_other_estimators_with_the_kl_in_the_loss_build_a_reference_and_log_its_kl(tiny_llama, forked_cli, tmp_path,
+                                                                                   estimator):
     out = tmp_path / estimator
-    proc = check_ok(run_cli("train_grpo.py", *grpo_args(
+    proc = check_ok(forked_cli.run("train_grpo.py", *grpo_args(
         tiny_llama, out, "--reward_fn", REWARD_FN, "--advantage_estimator", estimator, "--init_kl_coef", "0.1",
         "--finetuning_type", "lora", "--lora_target", "q_proj,v_proj", "--learning_rate", "1e-3",
         "--per_device_train_batch_size", "2", "--n_samples_per_prompt", "3", "--max_steps", "2",
@@ -68,9 +69,9 @@ def test_two_processes_zero3_lora_groups_stay_together_and_the_math_reward_score
     assert len(samples) >= 2 and samples[0]["prompt"] == samples[1]["prompt"]  # a group's answers side by side
 
 
-def test_the_length_penalty_reaches_the_reward_and_the_length_guard_stops_a_runaway(tiny_llama, tmp_path):
+def test_the_length_penalty_reaches_the_reward_and_the_length_guard_stops_a_runaway(tiny_llama, forked_cli, tmp_path):
     out = tmp_path / "penalised"
-    check_ok(run_cli("train_grpo.py", *grpo_args(
+    check_ok(forked_cli.run("train_grpo.py", *grpo_args(
         tiny_llama, out, "--reward_fn", "tests/reward_fns.py:constant", "--length_penalty", "0.01",
         "--finetuning_type", "lora", "--lora_target", "q_proj,v_proj", "--per_device_train_batch_size", "2",
         "--n_samples_per_prompt", "2", "--max_steps", "2", "--logging_steps", "1")))

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import check_ok, read_jsonl, run_cli, run_clis
+from conftest import check_ok, read_jsonl, run_cli
 
 STEP_KEYS = ("step", "reward", "reward_normalized", "kl", "kl_coef", "entropy", "response_length", "eos_rate",
              "policy_loss", "value_loss", "clipfrac", "approx_kl", "value_explained_variance", "time_generation",
@@ -57,7 +57,7 @@ def ppo_args(model, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def latin_rm(tiny_llama, tmp_path_factory) -> Path:
+def latin_rm(tiny_llama, forked_cli, tmp_path_factory) -> Path:
     """A reward model trained by train_rm.py to prefer answers written in Latin letters over answers written in
     Chinese characters (the shipped English and Chinese answers to the same kind of instruction)."""
     import json
@@ -68,16 +68,16 @@ def latin_rm(tiny_llama, tmp_path_factory) -> Path:
     pairs = [{"instruction": "回答", "input": "", "output": [e[:200], c[:200]]} for e, c in zip(english, chinese)]
     root = tmp_path_factory.mktemp("latin_rm")
     (root / "pairs.json").write_text(json.dumps(pairs[:256], ensure_ascii=False))
-    check_ok(run_cli("train_rm.py", "--model_name_or_path", str(tiny_llama), "--do_train", "--dataset",
-                     str(root / "pairs.json"), "--output_dir", str(root / "rm"), "--finetuning_type", "full",
-                     "--learning_rate", "1e-3", "--per_device_train_batch_size", "8", "--max_steps", "24",
-                     "--max_length", "96", "--disable_tqdm", "--save_steps", "0"))
+    check_ok(forked_cli.run("train_rm.py", "--model_name_or_path", str(tiny_llama), "--do_train", "--dataset",
+                            str(root / "pairs.json"), "--output_dir", str(root / "rm"), "--finetuning_type", "full",
+                            "--learning_rate", "1e-3", "--per_device_train_batch_size", "8", "--max_steps", "24",
+                            "--max_length", "96", "--disable_tqdm", "--save_steps", "0"))
     return root / "rm"
 
 
-def test_ppo_raises_a_trained_reward_models_score_on_held_out_prompts(tiny_llama, latin_rm, tmp_path):
+def test_ppo_raises_a_trained_reward_models_score_on_held_out_prompts(tiny_llama, latin_rm, forked_cli, tmp_path):
     out = tmp_path / "ppo"
-    check_ok(run_cli("train_ppo.py", *ppo_args(
+    check_ok(forked_cli.run("train_ppo.py", *ppo_args(
         tiny_llama, out, "--reward_model", str(latin_rm), "--finetuning_type", "full", "--learning_rate", "1e-2",
         "--lr_scheduler_type", "constant", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "4",
         "--ppo_epochs", "2", "--max_steps", "30", "--logging_steps", "5", "--init_kl_coef", "0.05",
@@ -164,7 +164,7 @@ def test_two_processes_zero3_actor_and_reference_zero2_critic_offloaded_frozen_m
     assert meta["kind"] == "value" and critic.score(ids, torch.ones_like(ids)).shape == (1,)
 
 
-def test_bad_input_is_refused_before_any_engine_is_built(tiny_llama, tiny_gpt2, tiny_rm, tmp_path):
+def test_bad_input_is_refused_before_any_engine_is_built(tiny_llama, tiny_gpt2, tiny_rm, forked_cli, tmp_path):
     extra = {
         "ckpt_missing": ["--checkpoint_dir", str(tmp_path / "nope"), "--reward_fn", REWARD_FN],
         "ckpt_is_rm": ["--checkpoint_dir", str(tiny_rm), "--reward_fn", REWARD_FN],
@@ -190,19 +190,19 @@ def test_bad_input_is_refused_before_any_engine_is_built(tiny_llama, tiny_gpt2, 
     runs = [("train_ppo.py", ppo_args(other if case == "tokenizer_mismatch" else tiny_llama, tmp_path / case,
                                       "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
                                       *extra[case])) for case in extra]
-    for case, proc in zip(extra, run_clis(runs)):  # independent refusals, two at a time
+    for case, proc in zip(extra, forked_cli.run_many(runs)):  # independent refusals, two at a time
         assert proc.returncode == 2, case + "\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
         assert expected[case] in proc.stderr and "Traceback" not in proc.stderr + proc.stdout, case
         assert "ZeRO-" not in proc.stdout, case  # no engine was built
 
 
-def test_fused_experience_trains_exactly_like_separate_forwards(tiny_llama, tiny_rm, tmp_path):
+def test_fused_experience_trains_exactly_like_separate_forwards(tiny_llama, tiny_rm, forked_cli, tmp_path):
     """With one optimizer step per rollout the old log-probs and values are taken from the first training forward;
     every logged figure and the trained weights must equal those of a run that computes them in make_experience."""
     runs = {}
     for mode in ("auto", "off"):
         out = tmp_path / mode
-        proc = check_ok(run_cli("train_ppo.py", *ppo_args(
+        proc = check_ok(forked_cli.run("train_ppo.py", *ppo_args(
             tiny_llama, out, "--reward_model", str(tiny_rm), "--finetuning_type", "lora", "--lora_target",
             "q_proj,v_proj", "--learning_rate", "5e-3", "--per_device_train_batch_size", "4", "--max_steps", "3",
             "--logging_steps", "1", "--fuse_experience", mode)))

@@ -2,6 +2,7 @@
 and offload, reloads with the same scores, and fails with one clear line on bad input."""
 import json
 import re
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -9,10 +10,10 @@ import pytest
 from conftest import check_ok, copy_run, read_jsonl, run_cli, write_json, zero3_test_config
 
 
-def test_reward_model_learns_on_shipped_english_pairs(tiny_llama, tmp_path):
+def test_reward_model_learns_on_shipped_english_pairs(tiny_llama, forked_cli, tmp_path):
     """The plain Bradley-Terry RM (--length_debias none): on these pairs it learns, and mostly learns length."""
     out = tmp_path / "rm"
-    check_ok(run_cli(
+    check_ok(forked_cli.run(
         "train_rm.py", "--model_name_or_path", str(tiny_llama), "--do_train", "--do_eval", "--val_size", "0.1",
         "--dataset", "comparison_gpt4_en", "--finetuning_type", "full", "--output_dir", str(out),
         "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--num_train_epochs", "1",
@@ -91,7 +92,7 @@ def test_torchrun_and_plain_python_run_the_same_stage_in_the_precision_the_proce
 
 
 @pytest.mark.parametrize("case", ["bad_json", "bad_record", "too_few", "unknown_dataset", "unknown_flag"])
-def test_bad_input_is_one_clear_line_and_nothing_is_left_that_looks_finished(tiny_llama, tmp_path, case):
+def test_bad_input_is_one_clear_line_and_nothing_is_left_that_looks_finished(tiny_llama, forked_cli, tmp_path, case):
     out = tmp_path / "out"
     data = tmp_path / "pairs.json"
     write_json(data, [{"instruction": "q", "input": "", "output": ["good", "bad"]}] * 6)
@@ -115,27 +116,27 @@ def test_bad_input_is_one_clear_line_and_nothing_is_left_that_looks_finished(tin
         args[args.index(str(data))] = "comparison_gpt3_zh"
     else:
         args += ["--learning_rat", "1e-4"]
-    proc = run_cli("train_rm.py", *args)
+    proc = forked_cli.run("train_rm.py", *args)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert expected in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (out / "value_head.json").exists()
 
 
-def test_refuses_to_overwrite_a_finished_run(tiny_llama, rm_straight, tmp_path):
+def test_refuses_to_overwrite_a_finished_run(tiny_llama, rm_straight, forked_cli, tmp_path):
     from test_resume import rm_args
 
     out = copy_run(rm_straight, tmp_path / "out")
     args = rm_args(tiny_llama, out)
     args[args.index("--max_steps") + 1] = "1"
-    proc = run_cli("train_rm.py", *args)
+    proc = forked_cli.run("train_rm.py", *args)
     assert proc.returncode == 2 and "--overwrite_output_dir" in proc.stderr
-    check_ok(run_cli("train_rm.py", *args, "--overwrite_output_dir"))
+    check_ok(forked_cli.run("train_rm.py", *args, "--overwrite_output_dir"))
 
 
 @pytest.mark.parametrize("mode", ["odin", "balanced", "length_negatives+regress", "length_negatives"])
-def test_each_length_debias_method_trains_and_its_saved_scores_are_read_as_training_read_them(tiny_llama, tmp_path,
-                                                                                          mode):
+def test_each_length_debias_method_trains_and_its_saved_scores_are_read_as_training_read_them(tiny_llama, forked_cli,
+                                                                                          tmp_path, mode):
     """Every --length_debias method trains and reports the length-controlled figures; eval_rm on the saved model
     gives the same figures on the same pairs (so PPO, which loads it the same way, reads the debiased score). ODIN
     runs on 2 processes under ZeRO-3 with every parameter partitioned, where its heads are only whole inside the
@@ -148,15 +149,16 @@ def test_each_length_debias_method_trains_and_its_saved_scores_are_read_as_train
     longer = [r for r in held if len(r["output"][0]) > len(r["output"][1])][:12]
     eval_file = write_json(tmp_path / "eval.json", shorter + longer)
     out = tmp_path / mode
-    launch = dict(nproc=2, launcher="torchrun") if mode == "odin" else {}
+    # ODIN on two ranks under torchrun; the others single-process, forked from the suite's warm interpreter
+    start = partial(run_cli, nproc=2, launcher="torchrun") if mode == "odin" else forked_cli.run
     extra = ["--deepspeed", str(zero3_test_config(tmp_path / "z3.json", offload=False))] if mode == "odin" else []
-    proc = check_ok(run_cli(
+    proc = check_ok(start(
         "train_rm.py", "--model_name_or_path", str(tiny_llama), "--do_train", "--do_eval", "--eval_dataset",
         str(eval_file), "--dataset", "comparison_gpt4_en" if mode == "balanced" else "comparison_gpt4_en_train",
         "--max_samples", "64", "--finetuning_type", "lora",
         "--lora_target", "q_proj,v_proj", "--output_dir", str(out), "--per_device_train_batch_size", "4",
         "--learning_rate", "1e-3", "--max_length", "96", "--logging_steps", "1", "--disable_tqdm",
-        "--save_steps", "0", "--length_debias", mode, *extra, **launch))
+        "--save_steps", "0", "--length_debias", mode, *extra))
     log = proc.stdout + proc.stderr
     results = json.loads((out / "eval_results.json").read_text())
     assert results["eval_chosen_shorter_pairs"] == 12 and results["eval_samples"] == 24
@@ -185,8 +187,8 @@ def test_each_length_debias_method_trains_and_its_saved_scores_are_read_as_train
     if mode in ("balanced", "length_negatives"):
         return  # these change the training data, not how a saved model scores
     scored = tmp_path / "scored.json"
-    check_ok(run_cli("eval_rm.py", "--reward_model", str(out), "--dataset", str(eval_file), "--max_length", "96",
-                     "--output_file", str(scored)))
+    check_ok(forked_cli.run("eval_rm.py", "--reward_model", str(out), "--dataset", str(eval_file), "--max_length",
+                            "96", "--output_file", str(scored)))
     again = json.loads(scored.read_text())
     for key in ("eval_accuracy", "eval_accuracy_chosen_shorter", "eval_score_length_correlation"):
         assert again[key] == pytest.approx(results[key], abs=1e-6), key

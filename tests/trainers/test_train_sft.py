@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from conftest import check_ok, read_jsonl, run_cli
+from conftest import check_ok, read_jsonl
 from rlhf_ds.algo.losses import sft_loss
 from rlhf_ds.data.collate import SFTCollator
 
@@ -30,10 +30,10 @@ def test_prompt_and_padding_positions_do_not_change_the_loss():
     assert not torch.allclose(sft_loss(changed, batch["input_ids"], batch["loss_mask"]), base)
 
 
-def test_sft_learns_and_writes_what_ppo_takes(tiny_llama, tmp_path):
+def test_sft_learns_and_writes_what_ppo_takes(tiny_llama, forked_cli, tmp_path):
     # the random tiny model's logits are near zero, so the adapters must reach lm_head for the loss to move fast
     out = tmp_path / "sft"
-    check_ok(run_cli(
+    check_ok(forked_cli.run(
         "train_sft.py", "--model_name_or_path", str(tiny_llama), "--do_train", "--dataset", "alpaca_gpt4_zh",
         "--finetuning_type", "lora", "--lora_target", "q_proj,v_proj,down_proj,lm_head", "--output_dir", str(out),
         "--do_eval",
