@@ -36,11 +36,15 @@ DEFAULT_RECIPE_MODEL = "qwen2.5-coder-0.5b-instruct"
 # pairs of comparison_gpt4_zh_heldout: the first 44 hold 22 where the better answer is the shorter one, enough for
 # the report to read a verdict from (it needs 20).
 _DPO_GRPO = dict(dpo_pairs=32, dpo_eval=32, dpo_epochs=1, judge_prompts=16, grpo_steps=20, grpo_prompts=4,
-                 grpo_samples=4, grpo_max_new_tokens=32)
+                 grpo_samples=4, grpo_max_new_tokens=32, grpo_overlong_buffer=0)
+# GRPO on the default model in bf16: unbounded, its answers grew by 80% into the 32-token cap as it learnt to write the
+# calculation; with 40 tokens, free up to 26 and DAPO's overlong penalty beyond, it learnt as much with +14%
+# (docs/recipe.md, "Bounding the length"). Not measured in fp32, whose profile keeps the unbounded 32 tokens.
+_GRPO_BOUNDED = dict(grpo_max_new_tokens=40, grpo_overlong_buffer=14)
 PROFILES: dict[str, dict[str, dict[str, float]]] = {
     "qwen2.5-coder-0.5b-instruct": {
         "bf16": dict(sft_examples=96, sft_eval=16, rm_pairs=48, rm_eval=44, ppo_steps=8, ppo_eval_prompts=8,
-                     ppo_epochs=2, max_length=256, **_DPO_GRPO),
+                     ppo_epochs=2, max_length=256, **{**_DPO_GRPO, **_GRPO_BOUNDED}),
         "fp32": dict(sft_examples=80, sft_eval=16, rm_pairs=24, rm_eval=44, ppo_steps=8, ppo_eval_prompts=8,
                      ppo_epochs=1, max_length=192, **{**_DPO_GRPO, "dpo_pairs": 16, "grpo_steps": 12})},
     "smollm2-135m-instruct": {
@@ -113,6 +117,9 @@ class RecipeArguments:
     grpo_prompts: int | None = field(default=None, metadata={"help": "Prompts per GRPO step."})
     grpo_samples: int | None = field(default=None, metadata={"help": "Answers per prompt."})
     grpo_max_new_tokens: int | None = None
+    grpo_overlong_buffer: int | None = field(default=None, metadata={
+        "help": "DAPO's overlong penalty on GRPO's answers: free up to --grpo_max_new_tokens minus this, then down to "
+                "-1 at the cap (0: off). Default: the profile's, scaled to a --grpo_max_new_tokens given."})
     grpo_learning_rate: float = 2e-4
     grpo_temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of GRPO's answers (at 1.0 "
                                                                    "the default model solves a third as many)."})
@@ -136,9 +143,16 @@ class RecipeArguments:
             raise UserError(f"--precision {self.precision!r}: choose auto, bf16, fp16 or fp32")
         profiles = PROFILES.get(self.model, DEFAULT_PROFILE)
         self.profile = self.expected_precision()
-        for name, value in profiles[self.profile].items():
+        profile = profiles[self.profile]
+        if self.grpo_overlong_buffer is None and self.grpo_max_new_tokens is not None:  # the same share of the cap
+            self.grpo_overlong_buffer = round(profile["grpo_overlong_buffer"] * self.grpo_max_new_tokens
+                                              / profile["grpo_max_new_tokens"])
+        for name, value in profile.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if not 0 <= self.grpo_overlong_buffer < self.grpo_max_new_tokens:
+            raise UserError(f"--grpo_overlong_buffer {self.grpo_overlong_buffer} must be in [0, --grpo_max_new_tokens "
+                            f"{self.grpo_max_new_tokens})")
 
     def expected_precision(self) -> str:
         """The profile to size the stages by: the precision they will run in on this machine ('bf16' or 'fp32')."""
@@ -210,7 +224,9 @@ def stage_commands(args: RecipeArguments, out: Path, sft_file: Path, ppo_file: P
                  "--max_new_tokens", str(args.grpo_max_new_tokens), "--max_prompt_length", str(args.max_prompt_length),
                  "--temperature", str(args.grpo_temperature), "--output_dir", str(out / "grpo"), "--do_eval", "--eval_dataset",
                  args.grpo_eval_dataset, "--eval_steps", str(args.grpo_steps),
-                 "--per_device_eval_batch_size", "16", "--num_samples_to_log", "4", *shlex.split(args.grpo_args)],
+                 "--per_device_eval_batch_size", "16", "--num_samples_to_log", "4",
+                 *(["--overlong_buffer", str(args.grpo_overlong_buffer)] if args.grpo_overlong_buffer else []),
+                 *shlex.split(args.grpo_args)],
     }
     return {name: [SCRIPTS[name], *commands[name]] for name in PATHS[args.algo]}
 

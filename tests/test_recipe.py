@@ -3,6 +3,7 @@ the shell scripts that mirror the original recipe, under python and the deepspee
 import os
 import sys
 
+import pytest
 import torch
 
 from conftest import REPO, Started, check_ok, run_cli, run_tree, start_cli
@@ -87,6 +88,9 @@ def test_the_dpo_and_grpo_paths_run_end_to_end_with_their_reports(tiny_llama, tm
     assert "1/1 GRPO with the math reward" in proc.stdout and "GRPO held-out accuracy" in proc.stdout
     report = (out / "report.md").read_text()
     assert "held-out accuracy (greedy answers, math reward)" in report and "GRPO answers went from" in report
+    trained = json.loads((out / "grpo" / "training_args.json").read_text())  # the profile's bound reached the stage
+    assert trained["overlong_buffer"] == json.loads((out / "recipe.json").read_text())["arguments"][
+        "grpo_overlong_buffer"]
 
 
 def test_recipe_shell_scripts_run_under_python_and_the_deepspeed_launcher(tiny_llama, tmp_path):
@@ -122,3 +126,22 @@ def test_the_recipe_is_sized_by_the_precision_its_stages_will_run_in(monkeypatch
         assert args.sft_examples == PROFILES[args.model][profile]["sft_examples"]
     assert RecipeArguments(precision="fp32", sft_examples=7).sft_examples == 7  # a flag wins over the profile
     precision.probe_cpu_bf16.cache_clear()
+
+
+def test_the_grpo_path_bounds_the_answers_where_that_was_measured(tmp_path):
+    from rlhf_ds.errors import UserError
+    from rlhf_ds.recipe import RecipeArguments, stage_commands
+
+    def grpo_flags(args):
+        flags = stage_commands(args, tmp_path, None, None)["grpo"]
+        return flags[flags.index("--max_new_tokens") + 1], (
+            flags[flags.index("--overlong_buffer") + 1] if "--overlong_buffer" in flags else None)
+
+    bf16 = RecipeArguments(algo="grpo", precision="bf16")
+    assert (bf16.grpo_max_new_tokens, bf16.grpo_overlong_buffer) == (40, 14) and grpo_flags(bf16) == ("40", "14")
+    fp32 = RecipeArguments(algo="grpo", precision="fp32")  # not measured there: unbounded, as before
+    assert grpo_flags(fp32) == ("32", None)
+    assert RecipeArguments(algo="grpo", precision="bf16", grpo_max_new_tokens=6).grpo_overlong_buffer == 2  # same share
+    assert RecipeArguments(algo="grpo", precision="bf16", grpo_overlong_buffer=0).grpo_overlong_buffer == 0
+    with pytest.raises(UserError, match="--grpo_overlong_buffer 40 must be in"):
+        RecipeArguments(algo="grpo", precision="bf16", grpo_overlong_buffer=40)
