@@ -218,7 +218,7 @@ class ForkServer:
         self.ready = False
 
     def run_many(self, runs: list[tuple[str, list[str]]], at_once: int = 2, env: dict | None = None,
-                 timeout: int = 120) -> list[subprocess.CompletedProcess]:
+                 timeout: int = 300) -> list[subprocess.CompletedProcess]:
         """Each (script, args) run to its end, `at_once` at a time (independent runs that refuse their input use both
         cores), the results in order, as subprocess.run(capture_output=True, text=True) gives them."""
         if not self.ready:
