@@ -174,6 +174,15 @@ def run_tree(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedPr
     return Started(cmd, timeout, **kwargs).result()
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a process the suite starts: os.environ with `extra` on top, unbuffered, and without the
+    torch.distributed variables that the in-process dist fixture sets (they must not leak into children)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        env.pop(key, None)
+    return env
+
+
 def start_cli(script: str, *args: str, nproc: int = 1, launcher: str = "python", timeout: int = 600,
               env: dict | None = None) -> Started:
     """Start launch/<script> the way a user does: plain python, the deepspeed launcher, or torchrun. Runs that do not
@@ -192,10 +201,7 @@ def start_cli(script: str, *args: str, nproc: int = 1, launcher: str = "python",
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), target]
     else:
         raise ValueError(launcher)
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        full_env.pop(key, None)  # the in-process dist fixture must not leak into children
-    return Started(cmd + list(args), timeout, env=full_env, cwd=str(REPO))
+    return Started(cmd + list(args), timeout, env=child_env(**(env or {})), cwd=str(REPO))
 
 
 def run_cli(script: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -204,16 +210,13 @@ def run_cli(script: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
 
 
 class ForkServer:
-    """`python launch/<script> ARGS` for runs that end in a second or two (refusals of bad input, mostly), forked from
-    one process that has imported every stage (tests/workers/forkserver.py): each run skips the 3.5 s of imports a
-    fresh interpreter spends. Runs that train, launch ranks or test start-up itself use start_cli/run_cli."""
+    """`python launch/<script> ARGS` in one process (refusals of bad input, export, chat, eval_rm, tiny trainings),
+    forked from one that has imported every stage (tests/workers/forkserver.py): each run skips the 3.5 s of imports
+    a fresh interpreter spends. Runs that launch ranks, test start-up or signals, or are killed use start_cli."""
 
     def __init__(self):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-            env.pop(key, None)
         self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "workers" / "forkserver.py")],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child_env(),
                                      cwd=str(REPO), start_new_session=True)
         self.ready = False
 

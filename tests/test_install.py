@@ -1,11 +1,10 @@
 """A non-editable install runs a stage: the shipped data and DeepSpeed configs travel inside the wheel, and nothing
 is looked up through the repository."""
-import os
 import subprocess
 import sys
 import zipfile
 
-from conftest import REPO, check_ok, read_jsonl
+from conftest import REPO, check_ok, child_env, read_jsonl
 
 
 def test_a_built_wheel_carries_data_and_configs_and_runs_a_stage_outside_the_checkout(tiny_llama, tmp_path):
@@ -21,9 +20,7 @@ def test_a_built_wheel_carries_data_and_configs_and_runs_a_stage_outside_the_che
     site = tmp_path / "site"
     check_ok(subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
                              str(wheel)], capture_output=True, text=True, timeout=300))
-    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONUNBUFFERED": "1"}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        env.pop(key, None)
+    env = child_env(PYTHONPATH=str(site))
     where = subprocess.run([sys.executable, "-c", "import rlhf_ds.args as a; print(a.DEFAULT_DATASET_DIR)"],
                            capture_output=True, text=True, env=env, cwd=tmp_path)
     assert where.stdout.strip() == str(site / "rlhf_ds" / "_shipped" / "data")

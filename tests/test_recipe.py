@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, Started, check_ok, run_cli, run_tree, start_cli
+from conftest import REPO, Started, check_ok, child_env, run_cli, run_tree, start_cli
 
 
 def test_recipe_runs_end_to_end_then_exports_and_reloads(tiny_llama, forked_cli, tmp_path):
@@ -95,21 +95,18 @@ def test_the_dpo_and_grpo_paths_run_end_to_end_with_their_reports(tiny_llama, tm
 
 def test_recipe_shell_scripts_run_under_python_and_the_deepspeed_launcher(tiny_llama, tmp_path):
     quick = "--max_steps 1 --max_samples 24 --max_length 64 --disable_tqdm --save_steps 0"
-    base_env = {**os.environ, "MODEL": str(tiny_llama), "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        base_env.pop(key, None)
+    base_env = child_env(MODEL=str(tiny_llama), PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+                         EXTRA_ARGS=quick)
     runs = [("train_sft.sh", {"OUT": str(tmp_path / "sft")}),
             ("train_rm.sh", {"OUT": str(tmp_path / "rm"), "LAUNCHER": "deepspeed --num_gpus 2"}),
             ("train_ppo.sh", {"OUT": str(tmp_path / "ppo"), "SFT": str(tmp_path / "sft"), "RM": str(tmp_path / "rm"),
                               "EXTRA_ARGS": quick.replace("--max_length 64", "--max_new_tokens 4 --max_prompt_length 32")})]
-    started = [Started(["bash", str(REPO / "launch" / "recipe" / script)], 300, env={**base_env, "EXTRA_ARGS": quick,
-                                                                                    **env})
+    started = [Started(["bash", str(REPO / "launch" / "recipe" / script)], 300, env={**base_env, **env})
                for script, env in runs[:2]]  # SFT and RM at once: neither needs the other
     for run in started:
         check_ok(run.result())
     script, env = runs[2]
-    check_ok(run_tree(["bash", str(REPO / "launch" / "recipe" / script)], timeout=300,
-                      env={**base_env, "EXTRA_ARGS": quick, **env}))
+    check_ok(run_tree(["bash", str(REPO / "launch" / "recipe" / script)], timeout=300, env={**base_env, **env}))
     assert (tmp_path / "sft" / "adapter_config.json").exists() and (tmp_path / "rm" / "value_head.json").exists()
     assert (tmp_path / "ppo" / "actor_merged" / "config.json").exists()
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, check_ok, copy_run, read_jsonl, run_cli, start_cli
+from conftest import REPO, check_ok, child_env, copy_run, read_jsonl, run_cli, start_cli
 from rlhf_ds.checkpoint import latest_checkpoint
 from rlhf_ds.dist import free_port
 
@@ -137,9 +137,7 @@ def test_sigterm_saves_a_checkpoint_and_stops_every_rank(target, tiny_llama, tmp
     args = rm_args(tiny_llama, out)
     args[args.index("--max_steps") + 1] = "400"
     args[args.index("--save_steps") + 1] = "1000"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        env.pop(key, None)
+    env = child_env()
     cmd = [str(os.path.join(os.path.dirname(sys.executable), "deepspeed")), "--num_gpus", "2", "--master_port",
            str(free_port()), str(REPO / "launch" / "train_rm.py"), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,

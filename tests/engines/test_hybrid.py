@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, check_ok, run_tree
+from conftest import REPO, check_ok, child_env, run_tree
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +21,7 @@ def test_hybrid_engine_against_plain_generation_and_a_never_switched_engine(tiny
     from rlhf_ds.dist import free_port
 
     out = tmp_path / "hybrid.json"
-    env = {k: v for k, v in __import__("os").environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env = child_env()
     proc = run_tree([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                      str(free_port()), str(REPO / "tests" / "workers" / "hybrid_check.py"), str(out),
                      str(tiny_llama), str(tiny_opt)], timeout=300, env=env)

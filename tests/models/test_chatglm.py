@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, check_ok, read_jsonl, run_cli, run_tree, zero3_test_config
+from conftest import REPO, check_ok, child_env, read_jsonl, run_cli, run_tree, zero3_test_config
 
 from rlhf_ds.errors import UserError
 from rlhf_ds.models.chatglm import tiny as glm_tiny
@@ -652,8 +652,7 @@ def test_hybrid_engine_generates_as_plain_generation_and_restores_everything(tin
     from rlhf_ds.dist import free_port
 
     out = tmp_path / "hybrid.json"
-    env = {k: v for k, v in __import__("os").environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env = child_env()
     check_ok(run_tree([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                        str(free_port()), str(REPO / "tests" / "workers" / "chatglm_hybrid_check.py"), str(out),
                        str(tiny_glm)], timeout=300, env=env))

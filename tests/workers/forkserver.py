@@ -55,9 +55,10 @@ def child(run: dict) -> None:
         sys.argv = [run["script"], *run["args"]]
         runpy.run_path(run["script"], run_name="__main__")
         code = 0
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-        if not isinstance(stop.code, int) and stop.code is not None:
+    except SystemExit as stop:  # sys.exit(None | int | message), as the interpreter treats it
+        if stop.code is None or isinstance(stop.code, int):
+            code = stop.code or 0
+        else:
             print(stop.code, file=sys.stderr)
     except BaseException:  # what the interpreter would print and exit 1 with
         traceback.print_exc()
