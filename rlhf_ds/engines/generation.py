@@ -22,8 +22,9 @@ class PlainGenerator:
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 settings: SamplingSettings) -> torch.Tensor:
-        """Continuations of left-padded prompts: [B, N <= max_new_tokens], pad after each row's EOS."""
+                 settings: SamplingSettings, group: int = 1) -> torch.Tensor:
+        """Continuations of left-padded prompts: [B, N <= max_new_tokens], pad after each row's EOS. (`group`, the
+        hybrid engine's shared prompt, does not apply: every row is prefilled, as generate() does.)"""
         module = self.engine.module
         was_training = module.training
         module.eval()

@@ -161,17 +161,47 @@ class HybridEngine:
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 settings: SamplingSettings) -> torch.Tensor:
+                 settings: SamplingSettings, group: int = 1) -> torch.Tensor:
+        """Continuations of left-padded prompts. `group`: the rows come in runs of `group` copies of one prompt
+        (GRPO's N answers to a prompt), whose prompt is then read once (shared_prompt_cache)."""
         tokens = input_ids.shape[0] * settings.max_new_tokens
         merge = self.merge_lora == "on" or (self.merge_lora == "auto" and tokens >= MERGE_MIN_TOKENS)
         greedy, processors = decode_speedups(settings)
         with self.generation_mode(merge), cpu_decode_attention(_hf_model(self.model)):
             t0 = time.time()
+            cache = shared_prompt_cache(self.model, input_ids, attention_mask, group)
             sequences = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                             generation_config=greedy.generation_config(),
-                                            logits_processor=processors, synced_gpus=self.synced_gpus)
+                                            logits_processor=processors, synced_gpus=self.synced_gpus,
+                                            **({"past_key_values": cache} if cache is not None else {}))
             self.timings["generation"] = time.time() - t0
         return sequences[:, input_ids.shape[1]:]
+
+
+def shared_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, group: int):
+    """When the rows are runs of `group` copies of one prompt: the KV cache of each prompt but its last token,
+    computed once per prompt and repeated for its copies, for generate() to go on from (it then reads only the
+    last prompt token per row). None where that does not apply: no groups, a prompt of one token, rows of a run
+    that differ, or a model outside transformers' attention interface (ChatGLM's own code keeps its own cache).
+    generate() itself would prefill every copy: N times the prompt's compute for GRPO's N answers."""
+    from transformers import DynamicCache
+
+    from rlhf_ds.algo.sequence import position_ids_from_mask
+
+    hf = _hf_model(model)
+    rows, width = input_ids.shape
+    if group <= 1 or rows % group or width < 2 or not getattr(hf, "_supports_attention_backend", False):
+        return None
+    ids, mask = input_ids[::group], attention_mask[::group]
+    if not (torch.equal(ids.repeat_interleave(group, 0), input_ids) and
+            torch.equal(mask.repeat_interleave(group, 0), attention_mask)) or mask[:, :-1].sum(-1).min() < 1:
+        return None
+    cache = DynamicCache(config=hf.config)
+    prefix = mask[:, :-1]
+    model(input_ids=ids[:, :-1], attention_mask=prefix, position_ids=position_ids_from_mask(prefix),
+          past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(group)
+    return cache
 
 
 # ------------------------------------------------------------------------------------------ decode speed-ups
@@ -306,8 +336,8 @@ class DeepSpeedHybridGenerator:
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 settings: SamplingSettings) -> torch.Tensor:
-        t0 = time.time()
+                 settings: SamplingSettings, group: int = 1) -> torch.Tensor:
+        t0 = time.time()  # (`group` does not apply: DeepSpeed's kernels keep their own cache)
         self.engine.eval()
         try:
             sequences = self.engine.generate(input_ids=input_ids, attention_mask=attention_mask,

@@ -21,7 +21,7 @@ import rlhf_ds
 from rlhf_ds import dist
 from rlhf_ds.algo.core import logprobs_from_logits
 from rlhf_ds.algo.preference import PREFERENCE_LOSSES
-from rlhf_ds.algo.sequence import position_ids_from_mask
+from rlhf_ds.algo.sequence import SharedPromptPairs, position_ids_from_mask
 from rlhf_ds.args import DPO_GROUPS, DPOArguments, PolicyArguments
 from rlhf_ds.flag_parsing import parse_args
 from rlhf_ds.data.collate import PreferenceCollator, even_shards
@@ -42,16 +42,56 @@ logger = logging.getLogger("rlhf_ds.dpo")
 DPO_META = "dpo.json"  # written with the policy: how to score pairs with it (eval_rm.py), what it was trained from
 
 
-def answer_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's summed log-probability of its answer tokens and their count. The model computes logits from the
-    earliest answer position of the batch on (with left padding: the answers' width only)."""
+# Packing a pair behind its prompt saves the prompt's second pass but lengthens the rows that attention covers, so
+# it is used where it saves at least this share of the tokens (measured: docs/benchmarks.md, "DPO step").
+SHARED_PROMPT_MIN_SAVING = 0.2
+
+
+def answer_logprobs(model, batch: dict[str, torch.Tensor], share_prompt: bool | None = None) -> tuple[
+        torch.Tensor, torch.Tensor]:
+    """Each row's summed log-probability of its answer tokens and their count (2B rows: chosen, then rejected).
+
+    With `share_prompt`, a pair's prompt goes through the model once, its two answers packed behind it
+    (SharedPromptPairs), when the model takes a 4D attention mask; None (the default) packs only where that saves
+    at least a fifth of the tokens (SHARED_PROMPT_MIN_SAVING). Otherwise the 2B rows go through as they are, the
+    logits computed from the earliest answer position on (with left padding: the answers' width only). Both give the same numbers (tests/trainers/test_train_dpo.py)."""
     ids, att, answer = batch["input_ids"], batch["attention_mask"], batch["answer_mask"]
+    packed = SharedPromptPairs.from_batch(ids, att, answer, pad_id=0) if (
+        share_prompt is not False and takes_4d_mask(model)) else None
+    if packed is not None and (share_prompt or packed.tokens() <= (1 - SHARED_PROMPT_MIN_SAVING) * ids.numel()):
+        out = model(input_ids=packed.input_ids, attention_mask=_packed_mask(model, packed),
+                    position_ids=packed.position_ids, use_cache=False, logits_to_keep=packed.logits_to_keep)
+        logp = logprobs_from_logits(packed.answer_logits(out.logits), packed.targets)
+        mask = packed.target_mask.to(logp.dtype)
+        return (logp * mask).sum(-1), mask.sum(-1)
     first = int(answer.float().argmax(-1).min().item())
     out = model(input_ids=ids, attention_mask=att, position_ids=position_ids_from_mask(att), use_cache=False,
                 logits_to_keep=ids.shape[1] - first + 1)
     logp = logprobs_from_logits(out.logits[:, :-1], ids[:, first:])  # logits at t - 1 predict token t
     mask = answer[:, first:].to(logp.dtype)
     return (logp * mask).sum(-1), mask.sum(-1)
+
+
+def _hf_model(model):
+    model = getattr(model, "module", model)  # a DeepSpeed engine
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def takes_4d_mask(model) -> bool:
+    """Whether the model reads a custom [B, 1, T, T] attention mask: transformers models on its attention
+    interface do under SDPA or eager attention (create_causal_mask passes such a mask through); flash-attention
+    kernels and ChatGLM's own code do not."""
+    hf = _hf_model(model)
+    return bool(getattr(hf, "_supports_attention_backend", False)) and getattr(
+        hf.config, "_attn_implementation", None) in ("sdpa", "eager")
+
+
+def _packed_mask(model, packed: SharedPromptPairs) -> torch.Tensor:
+    """SDPA takes the boolean mask as it is; eager attention adds it, so it gets 0 / the dtype's minimum."""
+    hf = _hf_model(model)
+    if getattr(hf.config, "_attn_implementation", None) == "sdpa":
+        return packed.mask.unsqueeze(1)
+    return packed.additive_mask(hf.get_input_embeddings().weight.dtype)
 
 
 @torch.no_grad()

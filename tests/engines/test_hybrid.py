@@ -1,7 +1,7 @@
-"""The hybrid engine: same greedy tokens as plain generation, everything restored bit for bit, the next training
-step identical to an engine that never switched, no hang when ranks stop at different lengths — for ZeRO-2 and
-ZeRO-3 (parameters really partitioned), LoRA and full fine-tuning, Llama and OPT. And DeepSpeed's own hybrid
-engine says why it cannot run here."""
+"""The hybrid engine: same greedy tokens as plain generation (also when copies of a prompt share one prefill),
+everything restored bit for bit, the next training step identical to an engine that never switched, no hang when
+ranks stop at different lengths — for ZeRO-2 and ZeRO-3 (parameters really partitioned), LoRA and full
+fine-tuning, Llama and OPT. And DeepSpeed's own hybrid engine says why it cannot run here."""
 import json
 import sys
 
@@ -33,6 +33,7 @@ def test_hybrid_engine_against_plain_generation_and_a_never_switched_engine(tiny
         for rank, r in ranks.items():
             where = f"{combo} rank {rank}"
             assert r["same_tokens"], where
+            assert r["prompt_shared"] and r["grouped_same_tokens"], where  # GRPO's groups: one prefill per prompt
             assert r["weight_diff"] <= 1e-6, where
             assert r["hooks_kept"], where
             assert r["loss_diff"] <= 1e-6 and r["grad_diff"] <= 1e-6, where

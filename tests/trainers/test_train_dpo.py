@@ -45,6 +45,36 @@ def test_answer_log_probs_are_the_same_under_left_and_right_padding(tiny_llama):
     assert results["left"][0][0].item() == pytest.approx(want, abs=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_a_shared_prompt_gives_the_same_log_probs_as_separate_rows(tiny_llama, tiny_gpt2, tokenizer_dir, tmp_path,
+                                                                   arch):
+    """Packing [prompt | chosen | rejected] into one row (the prompt computed once) must not change a number: under
+    SDPA and eager attention, left and right padding, prompts and answers of different lengths."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_ds.data.collate import PreferenceCollator
+    from rlhf_ds.models import tiny
+    from rlhf_ds.trainers.dpo import answer_logprobs
+
+    path = {"llama": tiny_llama, "gpt2": tiny_gpt2}.get(arch) or tiny.make_model(tmp_path / arch, tokenizer_dir, arch)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for prompt_len, chosen_len, rejected_len in ((9, 4, 12), (3, 15, 2), (14, 7, 7)):
+        prompt = torch.randint(10, 1500, (prompt_len,), generator=g).tolist()
+        rows.append({"chosen_ids": prompt + torch.randint(10, 1500, (chosen_len,), generator=g).tolist(),
+                     "rejected_ids": prompt + torch.randint(10, 1500, (rejected_len,), generator=g).tolist(),
+                     "chosen_prompt_len": prompt_len, "rejected_prompt_len": prompt_len})
+    for attention in ("sdpa", "eager"):
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention).eval()
+        for side in ("left", "right"):
+            batch = PreferenceCollator(0, side)(rows)
+            with torch.no_grad():
+                separate = answer_logprobs(model, batch, share_prompt=False)
+                shared = answer_logprobs(model, batch, share_prompt=True)
+            torch.testing.assert_close(shared[0], separate[0], atol=1e-4, rtol=0)
+            assert shared[1].tolist() == separate[1].tolist() == [4, 15, 7, 12, 2, 7]
+
+
 def test_dpo_learns_reports_the_length_baseline_and_scores_pairs_in_eval_rm(tiny_llama, forked_cli, tmp_path):
     out = tmp_path / "dpo"
     proc = check_ok(forked_cli.run("train_dpo.py", *dpo_args(

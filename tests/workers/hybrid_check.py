@@ -16,6 +16,7 @@ from rlhf_ds.engines.ds_config import EngineSettings, engine_config
 from rlhf_ds.engines.factory import create_train_engine
 from rlhf_ds.engines.sampling import SamplingSettings
 from rlhf_ds.engines.ds_compat import zero3_hook_counts
+from rlhf_ds.engines import hybrid as hybrid_module
 from rlhf_ds.engines.hybrid import HybridEngine
 from rlhf_ds.models.finetuning import apply_finetuning
 from rlhf_ds.models.loading import disable_dropout
@@ -69,6 +70,14 @@ def round_trip(model_dir: str, stage: int, finetuning: str, gather_layers: int, 
     hooks = zero3_hook_counts(engine) if stage == 3 else None
     linear = torch.nn.functional.linear  # ZeRO-3's memory-efficient linear, swapped out while generating
     ours = hybrid.generate(prompts, mask, settings)
+    # each prompt twice, as GRPO's groups come: the prompt is read once and its cache repeated (shared_prompt_cache)
+    shared = []
+    spy = hybrid_module.shared_prompt_cache
+    hybrid_module.shared_prompt_cache = lambda *a: shared.append(spy(*a)) or shared[-1]
+    try:
+        grouped = hybrid.generate(prompts.repeat_interleave(2, 0), mask.repeat_interleave(2, 0), settings, group=2)
+    finally:
+        hybrid_module.shared_prompt_cache = spy
     with torch.no_grad():
         ref = plain.generate(input_ids=prompts, attention_mask=mask, generation_config=settings.generation_config())
     ref = ref[:, prompts.shape[1]:]
@@ -82,6 +91,8 @@ def round_trip(model_dir: str, stage: int, finetuning: str, gather_layers: int, 
     loss_never, grads_never = train_step(never, train_inputs)
     grad_diff = max((a - b).abs().max().item() for a, b in zip(grads_switched, grads_never))
     result = {"same_tokens": bool(torch.equal(ours, ref)), "new_tokens": ours.shape[1],
+              "grouped_same_tokens": bool(torch.equal(grouped, ref.repeat_interleave(2, 0))),
+              "prompt_shared": len(shared) == 1 and shared[0] is not None,
               "weight_diff": weight_diff, "hooks_kept": hooks_kept,
               "loss_diff": abs(loss_switched - loss_never), "grad_diff": grad_diff}
     return {k: v for k, v in zip(range(dist.world_size()), dist.all_gather_object(result))}

@@ -118,12 +118,13 @@ class ExperienceMaker:
 
     @torch.no_grad()
     def sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingSettings,
-               size: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """Answers to all rows, in generate calls of `size` rows; and the gather / generation seconds."""
+               size: int, group: int = 1) -> tuple[torch.Tensor, dict[str, float]]:
+        """Answers to all rows, in generate calls of `size` rows (a multiple of `group`, the copies of each prompt);
+        and the gather / generation seconds."""
         generator = self.engines.generator
         parts, timings = [], {"gather": 0.0, "generation": 0.0}
         for s in chunks(prompt_ids.shape[0], size):
-            parts.append(generator.generate(prompt_ids[s], prompt_mask[s], sampling))
+            parts.append(generator.generate(prompt_ids[s], prompt_mask[s], sampling, group=group))
             for key in timings:
                 timings[key] += generator.timings[key]
         width = max(p.shape[1] for p in parts)
@@ -143,7 +144,7 @@ class ExperienceMaker:
         prompt_mask = prompt_mask.repeat_interleave(n, dim=0).to(device)
         t0 = time.time()
         gen_prompts = online.per_device_generation_batch_size or len(rows)
-        response, gen_times = self.sample(prompt_ids, prompt_mask, self.sampling, gen_prompts * n)
+        response, gen_times = self.sample(prompt_ids, prompt_mask, self.sampling, gen_prompts * n, group=n)
         t_rollout = time.time() - t0
         mask = response_mask(response, self.eos_ids)
         sequences = torch.cat([prompt_ids, response], 1)
