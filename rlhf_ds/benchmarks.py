@@ -101,7 +101,8 @@ def bench_generation(model: str, batch: int, prompt: int, new_tokens: int, repea
     dtype = precision.dtype
     net = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     tok = load_tokenizer(path)
-    plain_hf = copy.deepcopy(net).eval()
+    # the Hugging Face baseline runs where the prompts are (on CUDA: the GPU; the engine below moves `net` itself)
+    plain_hf = copy.deepcopy(net).to(dist.device()).eval()
     cfg = engine_config(EngineSettings(micro_batch=batch, precision=precision.name, stage=3, lr=1e-5,
                                        world_size=dist.world_size(), persistence_threshold=persistence_threshold),
                         trainable=True)

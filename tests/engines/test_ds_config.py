@@ -74,3 +74,21 @@ print("ok")
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_an_architecture_suffix_in_torch_cuda_arch_list_is_dropped_for_deepspeeds_op_builder():
+    """Seen on an H200 machine: its image sets TORCH_CUDA_ARCH_LIST=9.0a, and DeepSpeed 0.19's JIT build of FusedAdam
+    (every CUDA training stage) then stopped with "invalid literal for int() ... '0a'"."""
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    code = ("import os, re, rlhf_ds; v = os.environ['TORCH_CUDA_ARCH_LIST']; print(v); "  # then DeepSpeed's parse:
+            "sorted(re.split(r'[;\\s]+', v), key=lambda cc: tuple(int(p.split('+')[0]) for p in cc.split('.')))")
+    for given, want in (("8.0;9.0a;10.0f+PTX", "8.0;9.0;10.0+PTX"), ("7.5 8.6", "7.5 8.6")):
+        proc = subprocess.run([sys.executable, "-c", code], env=child_env(TORCH_CUDA_ARCH_LIST=given),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == want
+        assert ("cannot read architecture suffixes" in proc.stderr) == (given != want)
