@@ -186,7 +186,8 @@ def bench_ppo_worker(stage: int, hybrid: str, steps: int, warmup: int, algo: str
             **trainer.precision.record(), **machine()}
 
 
-def bench_dpo_worker(stage: int, steps: int, warmup: int, precompute: bool = True) -> dict[str, Any]:
+def bench_dpo_worker(stage: int, steps: int, warmup: int, precompute: bool = True,
+                     share_prompt: str = "auto") -> dict[str, Any]:
     """One DPO optimizer step on the fixed workload: per rank 4 pairs of 64 prompt + 64 answer tokens (random ids),
     full fine-tuning of the random OPT-style model, DPO's sigmoid loss, the reference a frozen copy. With
     `precompute` the reference's log-probabilities come with the batch (train_dpo.py's default: computed once
@@ -204,7 +205,8 @@ def bench_dpo_worker(stage: int, steps: int, warmup: int, precompute: bool = Tru
             "64", "--output_dir", str(out), "--overwrite_output_dir", "--finetuning_type", "full", "--template",
             "plain", "--per_device_train_batch_size", "4", "--max_length", "128", "--bf16", "--zero_stage",
             str(stage), "--max_steps", str(steps + warmup), "--save_steps", "0", "--disable_tqdm",
-            "--learning_rate", "1e-5", "--logging_steps", str(10 ** 6), "--no_precompute_ref_logps"]
+            "--learning_rate", "1e-5", "--logging_steps", str(10 ** 6), "--no_precompute_ref_logps",
+            "--share_prompt", share_prompt]
     trainer = DPOTrainer(*parse_args(*DPO_GROUPS, argv=argv))
     trainer.setup()
     g = torch.Generator().manual_seed(dist.rank())
@@ -229,11 +231,12 @@ def bench_dpo_worker(stage: int, steps: int, warmup: int, precompute: bool = Tru
             times.append(time.time() - t0)
     return {"system": "rlhf_ds", "algo": "dpo", "zero_stage": stage, "world_size": dist.world_size(),
             "pairs_per_rank": 4, "reference": "precomputed" if precompute else "forward every step",
+            "share_prompt": share_prompt,
             "step_s": round(statistics.median(times), 3), **trainer.precision.record(), **machine()}
 
 
 def run_ppo_matrix(stages: list[int], worlds: list[int], hybrids: list[str], steps: int, warmup: int,
-                   algo: str = "ppo", reference: str = "precomputed") -> dict:
+                   algo: str = "ppo", reference: str = "precomputed", share_prompt: str = "auto") -> dict:
     """Start one torchrun per configuration (OMP_NUM_THREADS=1) and collect their JSON lines."""
     results = []
     for world in worlds:
@@ -244,7 +247,7 @@ def run_ppo_matrix(stages: list[int], worlds: list[int], hybrids: list[str], ste
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
                        "--master_addr", "127.0.0.1", "--master_port", str(dist.free_port()), "-m", "rlhf_ds.cli",
                        "bench-ppo", "--worker", "--algo", algo, "--reference", reference, "--zero_stage", str(stage),
-                       "--hybrid_engine", hybrid,
+                       "--hybrid_engine", hybrid, "--share_prompt", share_prompt,
                        "--steps", str(steps), "--warmup", str(warmup), "--result_file", result_file]
                 env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", ""),
                        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -290,6 +293,8 @@ def main_ppo(argv: list[str] | None = None) -> int:
     parser.add_argument("--algo", default="ppo", choices=("ppo", "grpo", "dpo"))
     parser.add_argument("--reference", default="precomputed", choices=("precomputed", "forward"),
                         help="dpo: reference log-probs precomputed (train_dpo.py's default) or a forward every step")
+    parser.add_argument("--share_prompt", default="auto", choices=("auto", "on", "off"),
+                        help="dpo: train_dpo.py's --share_prompt (a pair's prompt computed once)")
     parser.add_argument("--stages", default="2,3")
     parser.add_argument("--worlds", default="1,2")
     parser.add_argument("--hybrid", default="off,on", help="hybrid engine modes to compare")
@@ -302,7 +307,8 @@ def main_ppo(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker and args.algo == "dpo":
-        result = bench_dpo_worker(args.zero_stage, args.steps, args.warmup, args.reference == "precomputed")
+        result = bench_dpo_worker(args.zero_stage, args.steps, args.warmup, args.reference == "precomputed",
+                                  args.share_prompt)
         if dist.is_main():
             Path(args.result_file).write_text(json.dumps(result))
         return 0
@@ -313,6 +319,6 @@ def main_ppo(argv: list[str] | None = None) -> int:
         return 0
     summary = run_ppo_matrix([int(s) for s in args.stages.split(",")], [int(w) for w in args.worlds.split(",")],
                              ["on"] if args.algo == "dpo" else args.hybrid.split(","), args.steps, args.warmup,
-                             args.algo, args.reference)
+                             args.algo, args.reference, args.share_prompt)
     print(json.dumps(summary), flush=True)
     return 0

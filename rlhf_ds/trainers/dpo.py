@@ -119,18 +119,18 @@ class Reference:
     """The reference policy's log-probabilities: the policy with its adapter switched off (LoRA started from a full
     model, no second copy), or a frozen engine of its own (an SFT adapter, full fine-tuning, --ref_model)."""
 
-    def __init__(self, policy_engine, engine=None):
-        self.policy, self.engine = policy_engine, engine
+    def __init__(self, policy_engine, engine=None, share_prompt: bool | None = None):
+        self.policy, self.engine, self.share_prompt = policy_engine, engine, share_prompt
 
     @torch.no_grad()
     def logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.engine is not None:
-            return answer_logprobs(self.engine, batch)[0]
+            return answer_logprobs(self.engine, batch, self.share_prompt)[0]
         module = self.policy.module
         was_training = module.training
         module.eval()
         with module.disable_adapter():
-            logps = answer_logprobs(self.policy, batch)[0]
+            logps = answer_logprobs(self.policy, batch, self.share_prompt)[0]
         module.train(was_training)
         return logps
 
@@ -153,6 +153,7 @@ class DPOTrainer(SupervisedTrainer):
         self.policy_args: PolicyArguments = self.extra_args[0]
         self.dpo: DPOArguments = self.extra_args[1]
         self.loss_fn = PREFERENCE_LOSSES[self.dpo.loss_type]
+        self.share_prompt = {"auto": None, "on": True, "off": False}[self.dpo.share_prompt]
 
     # ----------------------------------------------------------------------------------------------- data
     def resume_config(self) -> dict[str, Any]:
@@ -185,7 +186,7 @@ class DPOTrainer(SupervisedTrainer):
 
     def build_engines(self) -> None:
         super().build_engines()
-        self.reference = Reference(self.engine, self.reference_engine())
+        self.reference = Reference(self.engine, self.reference_engine(), self.share_prompt)
         if self.loss_fn.needs_reference and self.dpo.precompute_ref_logps:
             self.train_set = self.add_reference_logps(self.train_set, "reference log-probs (train)")
             if self.eval_set is not None:
@@ -229,7 +230,7 @@ class DPOTrainer(SupervisedTrainer):
 
     # ------------------------------------------------------------------------------------------ one batch
     def pair_losses(self, batch: dict[str, torch.Tensor]):
-        logps, lengths = answer_logprobs(self.engine, batch)
+        logps, lengths = answer_logprobs(self.engine, batch, self.share_prompt)
         pc, pr = logps.chunk(2)
         lc, lr = lengths.chunk(2)
         if not self.loss_fn.needs_reference:

@@ -111,13 +111,14 @@ def test_the_other_losses_run_and_the_reference_free_ones_build_no_reference(tin
 
 
 def test_precomputed_and_per_step_references_train_alike_on_two_processes_under_zero3(tiny_llama, tmp_path):
+    """Also the packed path end to end (--share_prompt on): policy, precomputing pass and per-step reference."""
     runs, started = {}, []
     for mode in ("--precompute_ref_logps", "--no_precompute_ref_logps"):  # both at once
         out = tmp_path / mode.strip("-")
         started.append(start_cli("train_dpo.py", *dpo_args(
             tiny_llama, out, "--finetuning_type", "lora", "--lora_target", "q_proj,v_proj", "--zero_stage", "3",
-            "--stage3_param_persistence_threshold", "0", "--max_steps", "3", "--learning_rate", "1e-3", mode),
-            nproc=2, launcher="torchrun"))
+            "--stage3_param_persistence_threshold", "0", "--max_steps", "3", "--learning_rate", "1e-3", mode,
+            "--share_prompt", "on"), nproc=2, launcher="torchrun"))
         runs[mode] = out
     for run in started:
         check_ok(run.result())
