@@ -83,7 +83,9 @@ def _timed(fn, repeats: int) -> float:
 
 
 def bench_generation(model: str, batch: int, prompt: int, new_tokens: int, repeats: int, bf16: bool,
-                     persistence_threshold: int) -> dict[str, Any]:
+                     persistence_threshold: int, samples: int = 1) -> dict[str, Any]:
+    """With `samples` > 1 each of the `batch` prompts comes `samples` times (GRPO's groups), and the hybrid engine
+    is timed reading each prompt once (its default) against prefilling every copy."""
     from transformers import AutoModelForCausalLM
 
     from rlhf_ds.engines.ds_config import EngineSettings, engine_config
@@ -108,7 +110,8 @@ def bench_generation(model: str, batch: int, prompt: int, new_tokens: int, repea
                         trainable=True)
     engine = create_train_engine(net, cfg, scheduler_type="constant", warmup_steps=0, total_steps=1)
     g = torch.Generator().manual_seed(dist.rank())
-    ids = torch.randint(10, len(tok) - 10, (batch, prompt), generator=g).to(dist.device())
+    ids = torch.randint(10, len(tok) - 10, (batch, prompt), generator=g).repeat_interleave(samples, 0)
+    ids = ids.to(dist.device())
     mask = torch.ones_like(ids)
     settings = FixedLengthSampling(max_new_tokens=new_tokens, eos_token_ids=[tok.eos_token_id],
                                    pad_token_id=tok.pad_token_id, do_sample=False)
@@ -121,19 +124,24 @@ def bench_generation(model: str, batch: int, prompt: int, new_tokens: int, repea
 
     runs = {"zero3_plain": lambda: plain.generate(ids, mask, settings),
             "zero3_hybrid": lambda: hybrid.generate(ids, mask, settings), "hf_plain": hf}
+    if samples > 1:  # the shared prefill against none, both through the hybrid engine
+        runs = {"zero3_hybrid": lambda: hybrid.generate(ids, mask, settings, group=samples),
+                "zero3_hybrid_every_copy": lambda: hybrid.generate(ids, mask, settings)}
     seconds = {}
     for name, fn in runs.items():
         fn()  # warm-up
         seconds[name] = _timed(fn, repeats)
-    tokens = batch * new_tokens * dist.world_size()
+    tokens = batch * samples * new_tokens * dist.world_size()
     tps = {k: tokens / v for k, v in seconds.items()}
-    return {"bench": "generation", "model": model, "parameters": sum(p.numel() for p in plain_hf.parameters()),
-            "world_size": dist.world_size(), "zero_stage": 3,
-            "stage3_param_persistence_threshold": persistence_threshold, "batch_per_rank": batch,
-            "prompt_tokens": prompt, "new_tokens": new_tokens, **precision.record(), **machine(),
-            "tokens_per_second": {k: round(v, 1) for k, v in tps.items()},
-            "seconds": {k: round(v, 3) for k, v in seconds.items()},
-            "hybrid_over_zero3_plain": round(tps["zero3_hybrid"] / tps["zero3_plain"], 2),
+    result = {"bench": "generation", "model": model, "parameters": sum(p.numel() for p in plain_hf.parameters()),
+              "world_size": dist.world_size(), "zero_stage": 3,
+              "stage3_param_persistence_threshold": persistence_threshold, "batch_per_rank": batch,
+              "samples_per_prompt": samples, "prompt_tokens": prompt, "new_tokens": new_tokens,
+              **precision.record(), **machine(), "tokens_per_second": {k: round(v, 1) for k, v in tps.items()},
+              "seconds": {k: round(v, 3) for k, v in seconds.items()}}
+    if samples > 1:
+        return {**result, "shared_prefill_speedup": round(tps["zero3_hybrid"] / tps["zero3_hybrid_every_copy"], 2)}
+    return {**result, "hybrid_over_zero3_plain": round(tps["zero3_hybrid"] / tps["zero3_plain"], 2),
             "hybrid_over_hf": round(tps["zero3_hybrid"] / tps["hf_plain"], 2)}
 
 
@@ -274,12 +282,14 @@ def main_generation(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     parser.add_argument("--new_tokens", type=int, default=64, help="tokens generated per prompt (EOS suppressed)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median)")
+    parser.add_argument("--samples_per_prompt", type=int, default=1,
+                        help="each prompt this many times (GRPO): time the hybrid engine's shared prefill against none")
     parser.add_argument("--fp32", action="store_true", help="fp32 instead of --bf16 (bf16 where it is fast)")
     parser.add_argument("--stage3_param_persistence_threshold", type=int, default=10000)
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     result = bench_generation(args.model, args.batch, args.prompt, args.new_tokens, args.repeats, not args.fp32,
-                              args.stage3_param_persistence_threshold)
+                              args.stage3_param_persistence_threshold, args.samples_per_prompt)
     if dist.is_main():
         print(json.dumps(result), flush=True)
     return 0
