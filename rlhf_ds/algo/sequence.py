@@ -50,7 +50,6 @@ class SharedPromptPairs:
         p = max(len(x) for x in prompts)
         a = max(len(x) for x in chosen + rejected)
         device = prompts[0].device
-        self.answer_width = a
         self.input_ids = torch.full((b, p + 2 * a), pad_id, dtype=torch.long, device=device)
         real = torch.zeros((b, p + 2 * a), dtype=torch.bool, device=device)
         self.position_ids = torch.zeros((b, p + 2 * a), dtype=torch.long, device=device)

@@ -28,11 +28,7 @@ import torch
 
 from rlhf_ds.engines.ds_compat import hybrid_gather_latency, plain_linear, remove_zero3_hooks, restore_zero3_hooks
 from rlhf_ds.engines.sampling import SamplingSettings
-
-
-def _hf_model(model):
-    """The transformers model inside a peft wrapper (where gradient checkpointing is switched)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+from rlhf_ds.models.finetuning import decoder_layers, hf_model, is_lora, on_attention_interface
 
 
 # Merging LoRA costs a fixed time per rollout (measured on 2 CPU cores with SmolLM2-135M, rank 8 on every linear
@@ -51,8 +47,6 @@ class HybridEngine:
         self.gather_layers = gather_layers if self.zero3 else 0
         # with layer-by-layer gathering the adapters' base weights are not all gathered at once: never merge
         self.merge_lora = "off" if self.gather_layers else merge_lora
-        from rlhf_ds.models.finetuning import is_lora
-
         self.is_peft = is_lora(self.model)
         self.timings = {"gather": 0.0, "generation": 0.0}
 
@@ -76,9 +70,7 @@ class HybridEngine:
         `gather_layers` blocks is gathered just before it runs and released right after, on every decode step."""
         import deepspeed
 
-        from rlhf_ds.models.finetuning import decoder_layers
-
-        layers = decoder_layers(_hf_model(self.model))
+        layers = decoder_layers(hf_model(self.model))
         in_layers = {id(p) for p in layers.parameters()}
         rest = [p for p in self.model.parameters() if id(p) not in in_layers]
         stack.enter_context(deepspeed.zero.GatheredParameters(rest, modifier_rank=None))
@@ -129,7 +121,7 @@ class HybridEngine:
     @contextlib.contextmanager
     def generation_mode(self, merge: bool = True) -> Iterator[None]:
         t0 = time.time()
-        hf = _hf_model(self.model)
+        hf = hf_model(self.model)
         was_training = self.model.training
         checkpointing = bool(getattr(hf, "is_gradient_checkpointing", False))
         stack = contextlib.ExitStack()
@@ -167,7 +159,7 @@ class HybridEngine:
         tokens = input_ids.shape[0] * settings.max_new_tokens
         merge = self.merge_lora == "on" or (self.merge_lora == "auto" and tokens >= MERGE_MIN_TOKENS)
         greedy, processors = decode_speedups(settings)
-        with self.generation_mode(merge), cpu_decode_attention(_hf_model(self.model)):
+        with self.generation_mode(merge), cpu_decode_attention(hf_model(self.model)):
             t0 = time.time()
             cache = shared_prompt_cache(self.model, input_ids, attention_mask, group)
             sequences = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
@@ -188,15 +180,14 @@ def shared_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Te
 
     from rlhf_ds.algo.sequence import position_ids_from_mask
 
-    hf = _hf_model(model)
     rows, width = input_ids.shape
-    if group <= 1 or rows % group or width < 2 or not getattr(hf, "_supports_attention_backend", False):
+    if group <= 1 or rows % group or width < 2 or not on_attention_interface(model):
         return None
     ids, mask = input_ids[::group], attention_mask[::group]
     if not (torch.equal(ids.repeat_interleave(group, 0), input_ids) and
             torch.equal(mask.repeat_interleave(group, 0), attention_mask)) or mask[:, :-1].sum(-1).min() < 1:
         return None
-    cache = DynamicCache(config=hf.config)
+    cache = DynamicCache(config=hf_model(model).config)
     prefix = mask[:, :-1]
     model(input_ids=ids[:, :-1], attention_mask=prefix, position_ids=position_ids_from_mask(prefix),
           past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -270,20 +261,20 @@ def _register_cpu_decode_attention() -> None:
 
 
 @contextlib.contextmanager
-def cpu_decode_attention(hf_model) -> Iterator[bool]:
+def cpu_decode_attention(hf) -> Iterator[bool]:
     """Switch a CPU model on SDPA attention to `_cpu_decode_attention` for the rollout (yields whether it did)."""
-    config = hf_model.config
-    usable = (next(hf_model.parameters()).device.type == "cpu" and getattr(config, "_attn_implementation", None) ==
-              "sdpa" and getattr(hf_model, "_supports_attention_backend", False))
+    config = hf.config
+    usable = (next(hf.parameters()).device.type == "cpu" and getattr(config, "_attn_implementation", None) ==
+              "sdpa" and on_attention_interface(hf))
     if not usable:
         yield False
         return
     _register_cpu_decode_attention()
-    hf_model.set_attn_implementation(CPU_DECODE_ATTENTION)
+    hf.set_attn_implementation(CPU_DECODE_ATTENTION)
     try:
         yield True
     finally:
-        hf_model.set_attn_implementation("sdpa")
+        hf.set_attn_implementation("sdpa")
 
 
 def decode_speedups(settings: SamplingSettings) -> tuple[SamplingSettings, list]:
@@ -313,7 +304,7 @@ def deepspeed_hybrid_problem(model) -> str | None:
     classes = {type(m).__name__: type(m) for m in model.modules()}
     covered = [name for name in DEEPSPEED_HYBRID_LAYERS if name in classes]
     if not covered:
-        return (f"DeepSpeed's hybrid engine has no container for this architecture ({type(_hf_model(model)).__name__}"
+        return (f"DeepSpeed's hybrid engine has no container for this architecture ({type(hf_model(model)).__name__}"
                 f"); it covers {', '.join(DEEPSPEED_HYBRID_LAYERS)}")
     if covered == ["OPTDecoderLayer"]:
         params = inspect.signature(classes["OPTDecoderLayer"].forward).parameters

@@ -52,6 +52,18 @@ def apply_finetuning(model: nn.Module, args: FinetuningArguments, task_type: str
         raise UserError(f"--lora_target {args.lora_target}: {err}") from None
 
 
+def hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a DeepSpeed engine and/or a peft wrapper."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def on_attention_interface(model: nn.Module) -> bool:
+    """Whether the transformers model inside runs its attention through transformers' attention interface (custom
+    attention functions, 4D masks passed through, DynamicCache); ChatGLM's own code does not."""
+    return bool(getattr(hf_model(model), "_supports_attention_backend", False))
+
+
 def is_lora(model: nn.Module) -> bool:
     """Whether a model trains LoRA adapters: a peft model, or a scalar-head model on a peft backbone."""
     from peft import PeftModel

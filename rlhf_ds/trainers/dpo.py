@@ -28,7 +28,7 @@ from rlhf_ds.data.collate import PreferenceCollator, even_shards
 from rlhf_ds.data.loading import tokenize_preference
 from rlhf_ds.engines.ds_config import EngineSettings, engine_config
 from rlhf_ds.engines.factory import create_inference_engine
-from rlhf_ds.models.finetuning import is_lora
+from rlhf_ds.models.finetuning import hf_model, is_lora, on_attention_interface
 from rlhf_ds.models.loading import resolve_model_path
 from rlhf_ds.models.policy import PolicyStart, load_policy
 from rlhf_ds.models.saving import gather_state_dict, is_adapter_dir, save_causal_lm
@@ -54,7 +54,8 @@ def answer_logprobs(model, batch: dict[str, torch.Tensor], share_prompt: bool | 
     With `share_prompt`, a pair's prompt goes through the model once, its two answers packed behind it
     (SharedPromptPairs), when the model takes a 4D attention mask; None (the default) packs only where that saves
     at least a fifth of the tokens (SHARED_PROMPT_MIN_SAVING). Otherwise the 2B rows go through as they are, the
-    logits computed from the earliest answer position on (with left padding: the answers' width only). Both give the same numbers (tests/trainers/test_train_dpo.py)."""
+    logits computed from the earliest answer position on (with left padding: the answers' width only). Both give
+    the same numbers (tests/trainers/test_train_dpo.py)."""
     ids, att, answer = batch["input_ids"], batch["attention_mask"], batch["answer_mask"]
     packed = SharedPromptPairs.from_batch(ids, att, answer, pad_id=0) if (
         share_prompt is not False and takes_4d_mask(model)) else None
@@ -72,23 +73,17 @@ def answer_logprobs(model, batch: dict[str, torch.Tensor], share_prompt: bool | 
     return (logp * mask).sum(-1), mask.sum(-1)
 
 
-def _hf_model(model):
-    model = getattr(model, "module", model)  # a DeepSpeed engine
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def takes_4d_mask(model) -> bool:
     """Whether the model reads a custom [B, 1, T, T] attention mask: transformers models on its attention
     interface do under SDPA or eager attention (create_causal_mask passes such a mask through); flash-attention
     kernels and ChatGLM's own code do not."""
-    hf = _hf_model(model)
-    return bool(getattr(hf, "_supports_attention_backend", False)) and getattr(
-        hf.config, "_attn_implementation", None) in ("sdpa", "eager")
+    return on_attention_interface(model) and getattr(hf_model(model).config, "_attn_implementation", None) in (
+        "sdpa", "eager")
 
 
 def _packed_mask(model, packed: SharedPromptPairs) -> torch.Tensor:
     """SDPA takes the boolean mask as it is; eager attention adds it, so it gets 0 / the dtype's minimum."""
-    hf = _hf_model(model)
+    hf = hf_model(model)
     if getattr(hf.config, "_attn_implementation", None) == "sdpa":
         return packed.mask.unsqueeze(1)
     return packed.additive_mask(hf.get_input_embeddings().weight.dtype)
